@@ -1,0 +1,124 @@
+"""The `tinyllm` command: parse arguments, call one function, report. Nothing else lives here.
+
+Heavy modules (JAX, transformers) are imported inside each subcommand so that
+`tinyllm --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tinyllm_jax.errors import UserError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.learning_rate=1e-4")
+
+
+def _train(a: argparse.Namespace) -> None:
+    from tinyllm_jax.config import load_config
+    from tinyllm_jax.train.loop import train
+
+    train(load_config(a.config, a.overrides))
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from tinyllm_jax.config import load_config
+    from tinyllm_jax.eval.evaluate import evaluate_command
+
+    evaluate_command(load_config(a.config, a.overrides), checkpoint=a.checkpoint, split=a.split)
+
+
+def _predict(a: argparse.Namespace) -> None:
+    from tinyllm_jax.eval.predict import predict_file
+
+    predict_file(a.model, a.input, a.output, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+
+
+def _export(a: argparse.Namespace) -> None:
+    from tinyllm_jax.model.hf import export_command
+
+    export_command(a.src, a.out_dir, step=a.step)
+
+
+def _convert(a: argparse.Namespace) -> None:
+    from tinyllm_jax.data.formats import convert_command
+
+    convert_command(a.format, a.src, a.out)
+
+
+def _rationales(a: argparse.Namespace) -> None:
+    from tinyllm_jax.config import load_config
+    from tinyllm_jax.teachers.generate import generate_command
+
+    generate_command(load_config(a.config, a.overrides))
+
+
+def _plot(a: argparse.Namespace) -> None:
+    from tinyllm_jax.train.plot import plot_run
+
+    print(plot_run(a.run_dir, a.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyllm", description="Multi-teacher reasoning distillation into T5 students, in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a student from a YAML config")
+    _config_args(p)
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("eval", help="greedy-decode and score a checkpoint")
+    _config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the run's best, else latest)")
+    p.add_argument("--split", default="test", choices=["validation", "test"])
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("predict", help="greedy predictions for a JSONL file of inputs")
+    p.add_argument("--model", required=True, help="HF model directory or hub id")
+    p.add_argument("--input", required=True, help='JSONL, one {"input": "..."} a line')
+    p.add_argument("--output", required=True, help="JSONL with \"prediction\" added, input order")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(fn=_predict)
+
+    p = sub.add_parser("export", help="write a Hugging Face T5 checkpoint")
+    p.add_argument("src", help="HF model directory, hub id, or a training run directory")
+    p.add_argument("out_dir")
+    p.add_argument("--step", type=int, help="checkpoint step of a run (default: best, else latest)")
+    p.set_defaults(fn=_export)
+
+    p = sub.add_parser("convert", help="convert a reference system's data to tinyllm records")
+    p.add_argument("format", choices=["tinyllm", "dss", "mentor-kd", "fair"])
+    p.add_argument("--src", required=True, help="the unpacked reference data folder")
+    p.add_argument("--out", required=True, help="output folder, one JSONL a split")
+    p.set_defaults(fn=_convert)
+
+    p = sub.add_parser("rationales", help="collect teacher rationales for records")
+    _config_args(p)
+    p.set_defaults(fn=_rationales)
+
+    p = sub.add_parser("plot", help="plot per-stream loss and eval accuracy of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/plot.png)")
+    p.set_defaults(fn=_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tinyllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

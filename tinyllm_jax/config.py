@@ -1,0 +1,321 @@
+"""Typed run configuration: YAML files validated against dataclasses, dotted overrides.
+
+A config file is YAML whose keys mirror the dataclasses below. Every key is checked:
+an unknown key or a value of the wrong type raises `ConfigError` naming the file, the
+dotted key, what was expected and what was found, with close matches suggested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from tinyllm_jax.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config key is unknown, mistyped or inconsistent."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    """The student. `init` names an HF checkpoint (directory or hub id) to start from;
+    without it the student is built from the architecture fields, randomly initialised."""
+
+    init: Optional[str] = None
+    tokenizer: Optional[str] = None  # HF dir/hub id; defaults to `init`
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: Optional[int] = None
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "gated-gelu"
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    tie_word_embeddings: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay fp32
+    remat: Literal["none", "full", "dots"] = "none"
+
+
+@dataclass
+class StreamConfig:
+    """One training stream: the answer, or one teacher's rationales."""
+
+    name: str
+    prefix: str
+    weight: float = 1.0
+    teacher: Optional[str] = None  # None: the answer stream; else a key of `rationales`
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    source: Literal["files", "hf", "tfds"] = "files"
+    hf_name: Optional[str] = None  # `datasets.load_dataset` name (source: hf) or TFDS name
+    fields: dict[str, str] = field(default_factory=dict)  # record field -> source field
+    streams: list[StreamConfig] = field(
+        default_factory=lambda: [StreamConfig(name="answer", prefix="predict: ", weight=1.0)]
+    )
+    answer_source: str = "gold"  # "gold", or a teacher name whose parsed answer is the label
+    max_input_length: int = 512
+    max_target_length: int = 256
+    encoder_length: int = 512  # packed row length, encoder side
+    decoder_length: int = 256  # packed row length, decoder side
+    lenient: bool = False
+    shuffle_seed: int = 0
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    # logical axis -> mesh axes; sharding rules are data, not code
+    rules: list[list[Any]] = field(
+        default_factory=lambda: [
+            ["batch", ["data", "fsdp"]],
+            ["embed", "fsdp"],
+            ["vocab", "tensor"],
+            ["heads", "tensor"],
+            ["mlp", "tensor"],
+            ["kv", None],
+            ["length", None],
+            ["relpos_buckets", None],
+        ]
+    )
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adafactor"] = "adamw"
+    learning_rate: float = 5e-5
+    schedule: Literal["linear", "cosine", "constant", "rsqrt"] = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: Optional[float] = 1.0
+    grad_accum_steps: int = 1
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 2
+    keep_best: bool = True
+    best_metric: str = "eval_accuracy"
+    best_mode: Literal["max", "min"] = "max"
+    async_save: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 500
+    task: str = "choice"  # scoring type: choice, number, yesno, equation, text
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    max_examples: Optional[int] = None  # cap validation size during training
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # packed rows per global batch
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher LLM for `tinyllm rationales`."""
+
+    name: str
+    backend: Literal["openai", "local-t5"] = "openai"
+    model: str = ""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    endpoint: Literal["completions", "chat"] = "completions"
+    api_key_env: Optional[str] = None  # the key is read from this variable, never stored
+    template: str = "teacher_forcing"
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 6
+
+
+@dataclass
+class RationalesConfig:
+    input: list[str] = field(default_factory=list)
+    output: str = ""
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    num_examples: int = 2  # in-context examples per prompt
+    examples_file: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rationales: RationalesConfig = field(default_factory=RationalesConfig)
+    demo: dict[str, Any] = field(default_factory=dict)  # options of the embedded demo data
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Any:
+    """Reads YAML `path` (or starts from defaults), applies `key=value` overrides, validates."""
+    where = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at top level, found {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(cls, raw, where=where)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`a.b.c=value`: value parsed as YAML (so 3, 1e-4, true, [a, b] keep their types)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.learning_rate=1e-4")
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def from_dict(cls: type, data: Any, where: str = "<config>", prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: key {prefix or '<root>'!r}: expected a mapping, found {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key {dotted!r}{hint} (known keys here: {', '.join(fields)})"
+            )
+        kwargs[key] = _coerce(hints[key], value, where, dotted)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key {prefix + missing[0]!r}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{where}: key {key!r}: expected {_name(tp)}, found {value!r}"
+        )
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: key {key!r}: expected one of {list(args)}, found {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, key + ".")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key {key!r}: expected a list, found {value!r}")
+        return [_coerce(args[0] if args else Any, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key {key!r}: expected a mapping, found {value!r}")
+        vt = args[1] if args else Any
+        return {str(k): _coerce(vt, v, where, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 5e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{where}: key {key!r}: expected {_name(tp)}, found {value!r}")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
