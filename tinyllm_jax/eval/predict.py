@@ -1,0 +1,58 @@
+"""`tinyllm predict`: greedy predictions for a JSONL file of inputs, in input order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tinyllm_jax.errors import UserError
+
+
+def read_inputs(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of `{"input": "text", ...}`; any problem names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: input file not found")
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
+                raise UserError(f'{path}:{lineno}: expected an object with a string field "input", found {line.strip()[:80]!r}')
+            rows.append(obj)
+    if not rows:
+        raise UserError(f"{path}: empty input file: no rows to predict")
+    return rows
+
+
+def predict_file(model: str, input_path: str, output_path: str, max_new_tokens: int = 64,
+                 batch_size: int = 32) -> int:
+    """Writes OUTPUT with each input row plus "prediction"; nothing is written on error."""
+    if max_new_tokens < 1 or batch_size < 1:
+        raise UserError("--max-new-tokens and --batch-size must be at least 1")
+    rows = read_inputs(input_path)  # validate input before loading any weights
+    from tinyllm_jax.eval.decode import generate_texts
+    from tinyllm_jax.model.hf import load_pretrained
+
+    _, params, tokenizer, cfg = load_pretrained(model)
+    preds = generate_texts(cfg, params, tokenizer, [r["input"] for r in rows], max_new_tokens,
+                           batch_size=min(batch_size, len(rows)), progress=True)
+    out = Path(output_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row, pred in zip(rows, preds):
+            f.write(json.dumps({**row, "prediction": pred}, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    print(f"wrote {len(rows)} predictions to {out}")
+    return len(rows)
