@@ -1,0 +1,161 @@
+"""The embedded demo data: small arithmetic word questions with two teachers, made here.
+
+    Tom has 3 apples, buys 4 more and gives away 2. How many apples does Tom have?
+    choices ["7", "5", "4", "6"], answer "5"
+    careful: "Tom starts with 3. 3 + 4 = 7. 7 - 2 = 5. So the answer is 5."
+    terse:   "3 + 4 - 2 = 5. The answer is 5."   (wrong for `terse_error_rate` of records)
+
+Two teachers of different style and quality, so that `configs/demo.yaml` shows multi-teacher
+distillation on a laptop CPU in minutes with nothing downloaded. The vocabulary is tiny (six
+names, six objects, four verbs, numbers up to 20) so a SentencePiece vocabulary of a few
+hundred pieces covers it. Everything is deterministic by seed, and each question belongs to
+one split only (by a hash of its text), whatever the seed and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from tinyllm_jax.data.records import make_record, write_jsonl
+from tinyllm_jax.errors import UserError
+
+NAMES = ("Tom", "Ann", "Sam", "Mia", "Ben", "Eva")
+OBJECTS = ("apples", "pens", "cards", "eggs", "books", "coins")
+GAINS = ("buys {k} more", "finds {k} more")
+LOSSES = ("gives away {k}", "loses {k}")
+MAX_COUNT = 20
+TEACHERS = ("careful", "terse")
+TERSE_ERROR_RATE = 0.15
+# question hash bucket (of 20) -> split: 90% train, 5% validation, 5% test
+SPLIT_BUCKETS = {"train": range(0, 18), "validation": range(18, 19), "test": range(19, 20)}
+FILE_NAMES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+
+
+def _split_of(question: str) -> str:
+    bucket = int(hashlib.sha256(question.encode()).hexdigest(), 16) % 20
+    return next(s for s, r in SPLIT_BUCKETS.items() if bucket in r)
+
+
+def _problem(rng: random.Random) -> tuple[str, str, int, list[int]]:
+    """A name, an object, a start count and 2 or 3 signed changes; counts stay in 0..20."""
+    name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    start = rng.randint(2, 12)
+    count, changes = start, []
+    for _ in range(rng.choice((2, 2, 3))):
+        gain = count <= 2 or (count + 1 <= MAX_COUNT and rng.random() < 0.5)
+        k = rng.randint(1, min(8, MAX_COUNT - count)) if gain else -rng.randint(1, min(8, count))
+        count += k
+        changes.append(k)
+    return name, obj, start, changes
+
+
+def _question(rng: random.Random, name: str, obj: str, start: int, changes: list[int]) -> str:
+    verbs = [rng.choice(GAINS if k > 0 else LOSSES).format(k=abs(k)) for k in changes]
+    actions = ", ".join(verbs[:-1]) + " and " + verbs[-1]
+    return f"{name} has {start} {obj}, {actions}. How many {obj} does {name} have?"
+
+
+def _careful(name: str, start: int, changes: list[int], answer: int) -> str:
+    steps, count = [f"{name} starts with {start}."], start
+    for k in changes:
+        steps.append(f"{count} {'+' if k > 0 else '-'} {abs(k)} = {count + k}.")
+        count += k
+    return " ".join(steps) + f" So the answer is {answer}."
+
+
+def _terse(start: int, changes: list[int], result: int) -> str:
+    terms = " ".join(f"{'+' if k > 0 else '-'} {abs(k)}" for k in changes)
+    return f"{start} {terms} = {result}. The answer is {result}."
+
+
+def _choices(rng: random.Random, start: int, changes: list[int], answer: int) -> list[str]:
+    """The answer and three near misses: off by one to three, or a change's sign flipped."""
+    near = {answer + d for d in (-3, -2, -1, 1, 2, 3)}
+    near |= {answer - 2 * k for k in changes}
+    near = sorted(x for x in near if 0 <= x <= MAX_COUNT + 8 and x != answer)
+    picked = rng.sample(near, 3) + [answer]
+    rng.shuffle(picked)
+    return [str(x) for x in picked]
+
+
+def make_demo_records(n: int, seed: int, split: str, terse_error_rate: float = TERSE_ERROR_RATE) -> list[dict[str, Any]]:
+    """`n` distinct demo records of `split` (train, validation or test), deterministic by
+    `seed`; exactly round(n * terse_error_rate) of them have a wrong terse rationale."""
+    if split not in SPLIT_BUCKETS:
+        raise UserError(f"demo split {split!r}: expected one of {', '.join(SPLIT_BUCKETS)}")
+    if n < 0:
+        raise UserError(f"demo: number of {split} records must be >= 0, found {n}")
+    if not 0.0 <= terse_error_rate <= 1.0:
+        raise UserError(f"demo.terse_error_rate: expected a fraction in [0, 1], found {terse_error_rate}")
+    rng = random.Random(f"tinyllm-demo/{seed}/{split}")
+    wrong = set(rng.sample(range(n), round(n * terse_error_rate)))
+    records, seen, tries = [], set(), 0
+    while len(records) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise UserError(f"demo: cannot make {n} distinct {split} questions; ask for fewer")
+        name, obj, start, changes = _problem(rng)
+        question = _question(rng, name, obj, start, changes)
+        if question in seen or _split_of(question) != split:
+            continue
+        seen.add(question)
+        answer = start + sum(changes)
+        choices = _choices(rng, start, changes, answer)
+        i = len(records)
+        terse_answer = answer
+        if i in wrong:  # a slip: the terse teacher lands on one of the near misses
+            terse_answer = int(rng.choice([c for c in choices if c != str(answer)]))
+        records.append(make_record(
+            f"demo-{split}-{i}", question, str(answer), choices,
+            rationales={"careful": [_careful(name, start, changes, answer)],
+                        "terse": [_terse(start, changes, terse_answer)]},
+            meta={"terse_correct": terse_answer == answer},
+        ))
+    return records
+
+
+def write_demo_data(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_valid: int = 200,
+    n_test: int = 200,
+    terse_error_rate: float = TERSE_ERROR_RATE,
+) -> dict[str, str]:
+    """Writes OUT_DIR/{train,validation,test}.jsonl; returns {split: path}."""
+    out_dir = Path(out_dir)
+    paths = {}
+    for split, n in (("train", n_train), ("validation", n_valid), ("test", n_test)):
+        path = out_dir / FILE_NAMES[split]
+        write_jsonl(path, make_demo_records(n, seed, split, terse_error_rate))
+        paths[split] = str(path)
+    return paths
+
+
+def write_demo_from_options(out_dir: str | Path, options: dict[str, Any]) -> dict[str, str]:
+    """`write_demo_data` with the config's `demo:` mapping, each key checked: an unknown key
+    or a value of the wrong type raises UserError naming `demo.<key>`."""
+    known = {"seed": int, "n_train": int, "n_valid": int, "n_test": int, "terse_error_rate": (int, float)}
+    for key, value in options.items():
+        if key not in known:
+            raise UserError(f"demo.{key}: unknown key (known keys: {', '.join(known)})")
+        if isinstance(value, bool) or not isinstance(value, known[key]):
+            kind = "an integer" if known[key] is int else "a number"
+            raise UserError(f"demo.{key}: expected {kind}, found {value!r}")
+    return write_demo_data(out_dir, **options)
+
+
+def demo_texts(records: Iterable[dict[str, Any]], extra: Sequence[str] = ()) -> list[str]:
+    """Texts to train the demo SentencePiece tokenizer on: every question, the choices in
+    the student's input layout, every rationale and answer, then `extra` (stream prefixes)."""
+    texts = []
+    for rec in records:
+        texts.append(rec["question"])
+        if rec.get("choices"):
+            texts.append("Answer Choices: " + " ".join(f"({chr(97 + i)}) {c}" for i, c in enumerate(rec["choices"])))
+        texts.extend(r for rs in rec.get("rationales", {}).values() for r in rs)
+        texts.append(rec["answer"])
+    return texts + list(extra)
