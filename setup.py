@@ -24,6 +24,8 @@ setup(
         "tqdm",
         "tensorboardX",
         "matplotlib",
+        "httpx2",  # teacher requests (the HTTP client transformers' own hub client uses)
+        "jinja2",  # teacher prompt templates
     ],
     extras_require={
         # torch is the parity oracle (transformers' PyTorch T5) and the reference

@@ -147,33 +147,46 @@ class TrainConfig:
 
 @dataclass
 class TeacherConfig:
-    """One teacher LLM for `tinyllm rationales`."""
+    """One teacher LLM for `tinyllm rationales`: an OpenAI-compatible server or a local T5."""
 
     name: str
     backend: Literal["openai", "local-t5"] = "openai"
-    model: str = ""
+    model: str = ""  # served model name (openai) or an HF T5 directory / hub id (local-t5)
     base_url: str = "http://127.0.0.1:8000/v1"
     endpoint: Literal["completions", "chat"] = "completions"
     api_key_env: Optional[str] = None  # the key is read from this variable, never stored
-    template: str = "teacher_forcing"
+    system_prompt: Optional[str] = None  # chat endpoint only
+    template: str = "teacher_forcing"  # a built-in template or a key of `rationales.templates`
     num_samples: int = 1
     temperature: float = 0.0
-    top_k: int = 0
+    top_k: int = 0  # 0: off (and not sent: OpenAI's own API rejects it)
     top_p: float = 1.0
     max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # added to the template's stop strings
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into each request
     concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 6
+    backoff_s: float = 1.0  # first retry delay; doubles each time, with jitter
+    max_backoff_s: float = 30.0
+    max_consecutive_failures: int = 50  # then the run stops (the server is down)
+    batch_size: int = 16  # local-t5: prompts a decode call
+    max_input_tokens: int = 1024  # local-t5: longer prompts lose their beginning
 
 
 @dataclass
 class RationalesConfig:
-    input: list[str] = field(default_factory=list)
-    output: str = ""
+    input: list[str] = field(default_factory=list)  # record JSONL files
+    output: str = ""  # directory: one JSONL an input file (same name), report.json, cache
     teachers: list[TeacherConfig] = field(default_factory=list)
+    templates: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {example, ...}
     num_examples: int = 2  # in-context examples per prompt
-    examples_file: Optional[str] = None
+    examples_file: Optional[str] = None  # records with rationales; else a zero-shot pass
+    zero_shot_pool: int = 16  # records of each input given a zero-shot pass for examples
+    task: Optional[str] = None  # answer parsing (choice, number, ...); default: eval.task
+    cache: Optional[str] = None  # default: OUTPUT/cache.jsonl
     seed: int = 0
+    progress: bool = True
 
 
 @dataclass

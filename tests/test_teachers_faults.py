@@ -1,0 +1,165 @@
+"""`tinyllm rationales` against a fault-injecting OpenAI-compatible stub on 127.0.0.1:
+retries, resume after failures and after SIGKILL, the API key kept out of every file."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_teachers_support import StubServer, load, prompt_of, read_lines, wait_for, write_config
+from tinyllm_jax.config import ConfigError
+from tinyllm_jax.teachers.generate import IncompleteRun, generate_command, generate_rationales
+
+
+@pytest.fixture
+def stub():
+    s = StubServer()
+    yield s
+    s.close()
+
+
+def _check_complete(out: Path, n_records: int, samples: int, teacher: str = "t1") -> list[dict]:
+    recs = read_lines(out / "train.jsonl")
+    assert len(recs) == n_records
+    for r in recs:
+        assert len(r["rationales"][teacher]) == samples, r["id"]
+        assert [s["sample"] for s in r["provenance"][teacher]["samples"]] == list(range(samples))
+    keys = [(e["record_id"], e["teacher"], e["sample"], e["request_hash"]) for e in read_lines(out / "cache.jsonl")]
+    assert len(keys) == len(set(keys)), "a request was answered twice"
+    return recs
+
+
+def test_zero_shot_pool_then_few_shot_with_provenance(tmp_path, stub):
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "num_samples": 2}, records=6, zero_shot_pool=4)
+    report = generate_rationales(load(cfg))
+    assert report["complete"]
+    zero = [b for b in stub.bodies if prompt_of(b).count("Question:") == 1]
+    few = [b for b in stub.bodies if prompt_of(b).count("Question:") == 3]
+    assert len(zero) == 4 and len(few) == 12 and len(stub.bodies) == 16  # k = 2 examples in every few-shot prompt
+    recs = _check_complete(tmp_path / "out", 6, 2)
+    pool_ids = {b["prompt"].split("number ")[1].split("?")[0] for b in zero}
+    for r in recs:
+        prov = r["provenance"]["t1"]
+        assert prov["model"] == "m" and prov["template"] == "teacher_forcing" and prov["gold_in_prompt"]
+        assert prov["temperature"] == 0.0 and prov["stage"] == "few-shot"
+        assert len(prov["examples"]) == 2 and r["id"] not in prov["examples"]
+        assert {e[1:] for e in prov["examples"]} <= pool_ids  # examples come from the zero-shot pass
+        s = prov["samples"][0]
+        assert s["raw"].startswith(" Because it is.") and "\nQuestion: an invented" in s["raw"]
+        assert r["rationales"]["t1"][0] == s["raw"].split("\n\n")[0].strip()  # cut at the stop string
+        assert s["correct"] is True and r["teacher_answers"]["t1"] == [r["answer"]] * 2
+    t = report["teachers"]["t1"]["train"]
+    assert (t["requests"], t["new"], t["agree"], t["parsed"], t["pool"]["new"]) == (12, 12, 12, 12, 4)
+    assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_429_5xx_timeouts_and_dropped_connections_are_retried(tmp_path, stub):
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "timeout_s": 0.3, "concurrency": 2},
+                       records=4, examples=3)
+    stub.faults = [429, 503, "drop", "hang", 500]
+    stub.hang_s = 1.0
+    report = generate_rationales(load(cfg))
+    t = report["teachers"]["t1"]["train"]
+    assert report["complete"] and t["retries"] == 5 and t["failed"] == 0
+    assert len(stub.bodies) == 4 + 5
+    _check_complete(tmp_path / "out", 4, 1)
+
+
+def test_a_lone_429_is_retried_and_the_key_is_never_logged(tmp_path, stub, monkeypatch, caplog, capsys):
+    secret = "sk-log-test-0123456789"
+    monkeypatch.setenv("TINYLLM_TEST_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "concurrency": 1, "api_key_env": "TINYLLM_TEST_KEY"},
+                       records=1, num_examples=0, progress=True)
+    stub.faults = [429]
+    report = generate_command(load(cfg))
+    assert report["complete"] and report["teachers"]["t1"]["train"]["retries"] == 1
+    assert len(stub.bodies) == 2 and stub.bodies[0] == stub.bodies[1] and stub.auth == [f"Bearer {secret}"] * 2
+    assert "retry 1/6" in caplog.text and "HTTP 429" in caplog.text
+    out = capsys.readouterr()
+    assert secret not in caplog.text + out.out + out.err
+    assert all(secret.encode() not in p.read_bytes() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_failures_are_reported_and_a_rerun_sends_only_what_is_missing(tmp_path, stub):
+    teacher = {"base_url": stub.url, "model": "m", "max_retries": 1, "concurrency": 1}
+    cfg = write_config(tmp_path, teacher, records=5, examples=3)
+    stub.faults = [400, 503, 503]  # one request refused, one out of retries
+    with pytest.raises(IncompleteRun, match="2 rationale requests failed"):
+        generate_command(load(cfg))
+    recs = read_lines(tmp_path / "out" / "train.jsonl")
+    assert sorted(len(r["rationales"].get("t1", [])) for r in recs) == [0, 0, 1, 1, 1]
+    assert "t1" not in recs[0]["rationales"] and "t1" not in recs[0].get("provenance", {})
+    sent = len(stub.bodies)
+    report = generate_command(load(cfg))
+    assert report["complete"] and len(stub.bodies) == sent + 2
+    assert report["teachers"]["t1"]["train"]["cached"] == 3
+    _check_complete(tmp_path / "out", 5, 1)
+    generate_command(load(cfg))  # all cached: nothing sent
+    assert len(stub.bodies) == sent + 2
+    cfg = write_config(tmp_path, {**teacher, "temperature": 0.5}, records=5, examples=3)
+    generate_command(load(cfg))  # a new sampling setting is a new request
+    assert len(stub.bodies) == sent + 2 + 5
+
+
+def test_a_dead_server_stops_the_run_early(tmp_path, stub):
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "max_retries": 0, "concurrency": 1,
+                                  "max_consecutive_failures": 3}, records=8, examples=3)
+    stub.always = 500
+    report = generate_rationales(load(cfg))
+    t = report["teachers"]["t1"]["train"]
+    assert not report["complete"] and t["failed"] == 3 and len(stub.bodies) == 3
+    assert "3 requests in a row failed" in t["error"] and report["missing"] == 8
+
+
+def test_missing_api_key_variable_is_a_config_error(tmp_path, stub, monkeypatch):
+    monkeypatch.delenv("TINYLLM_ABSENT_KEY", raising=False)
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "api_key_env": "TINYLLM_ABSENT_KEY"})
+    with pytest.raises(ConfigError, match=r"\$TINYLLM_ABSENT_KEY.*not set"):
+        generate_rationales(load(cfg))
+    assert stub.bodies == []
+
+
+def test_sigkill_mid_run_then_rerun_and_the_key_stays_secret(tmp_path, stub):
+    secret = "sk-test-9f8e7d6c5b4a-secret"
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "num_samples": 2, "concurrency": 3,
+                                  "api_key_env": "TINYLLM_TEST_KEY"}, records=8, examples=3, progress=True)
+    env = {**os.environ, "TINYLLM_TEST_KEY": secret, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "tinyllm_jax.cli", "rationales", str(cfg)]
+    cache = tmp_path / "out" / "cache.jsonl"
+    stub.hold_after = 5  # the sixth and later requests wait: the run is certainly mid-way when killed
+    logs = []
+    with open(tmp_path / "run1.log", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: cache.exists() and len(read_lines(cache)) >= 5, what="five cached answers")
+            wait_for(lambda: len(stub.bodies) >= 8, what="three requests in flight")
+            assert stub.max_in_flight == 3  # never more than `concurrency`
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+    logs.append((tmp_path / "run1.log").read_bytes())
+    assert proc.returncode == -signal.SIGKILL
+    assert len(read_lines(cache)) == 5
+    stub.hold_after = None
+    stub.release()
+    done = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+    logs.append(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stderr.decode()
+    recs = _check_complete(tmp_path / "out", 8, 2)
+    assert len(read_lines(cache)) == 16
+    answered = collections.Counter((b["prompt"], b["seed"]) for b in stub.bodies)
+    assert len(answered) == 16  # every request was sent; the killed in-flight ones were sent again
+    assert set(stub.auth) == {f"Bearer {secret}"}
+    for path in (tmp_path / "out").rglob("*"):
+        assert secret.encode() not in path.read_bytes(), path
+    for text in logs:
+        assert secret.encode() not in text
+    assert b"complete" in logs[-1] and all("t1" in r["rationales"] for r in recs)

@@ -1,0 +1,195 @@
+"""Teacher backends: any OpenAI-compatible server, or a local JAX T5 (see local_t5.py).
+
+A backend takes a list of `Job`s and reports each one, as soon as it is settled, through
+`on_done(job, text)` or `on_fail(job, reason)`. The OpenAI-compatible backend keeps at most
+`concurrency` requests in flight (asyncio workers over one httpx2 client) and retries 429,
+5xx, timeouts and dropped connections with exponential backoff and jitter, honouring
+Retry-After. The retry loop is written here rather than taken from the `openai` SDK so
+that its count, delays and logging are ours to bound, test and keep free of the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import httpx2
+
+from tinyllm_jax.config import ConfigError, TeacherConfig
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+
+
+@dataclass
+class Job:
+    """One request: a prompt, the seed of its sample, and the cache key it fills."""
+
+    key: str
+    prompt: str
+    seed: int
+    info: dict[str, Any] = field(default_factory=dict)  # copied into the cache entry
+
+
+@dataclass
+class RunStats:
+    done: int = 0
+    failed: int = 0
+    retries: int = 0
+    not_started: int = 0  # left when the run stopped after too many failures in a row
+    aborted: str = ""  # why the run stopped early, if it did
+
+
+OnDone = Callable[[Job, str], None]
+OnFail = Callable[[Job, str], None]
+
+
+class RequestFailed(Exception):
+    """A request that will not succeed by retrying (or ran out of retries)."""
+
+
+def read_api_key(teacher: TeacherConfig) -> str | None:
+    """The key from the environment variable the config names (never from the config)."""
+    if not teacher.api_key_env:
+        return None
+    key = os.environ.get(teacher.api_key_env)
+    if not key:
+        raise ConfigError(
+            f"teacher {teacher.name!r}: api_key_env names ${teacher.api_key_env}, which is not set in the environment"
+        )
+    return key
+
+
+class OpenAICompatible:
+    """`/v1/completions` or `/v1/chat/completions` of vLLM, llama.cpp, `transformers serve`,
+    or a hosted API."""
+
+    def __init__(self, teacher: TeacherConfig, stop: list[str], *, api_key: str | None = None):
+        if not teacher.model:
+            raise ConfigError(f"teacher {teacher.name!r}: key 'model' is empty; name the served model")
+        self.teacher = teacher
+        self.stop = stop
+        self.url = teacher.base_url.rstrip("/") + ("/chat/completions" if teacher.endpoint == "chat" else "/completions")
+        self._key = api_key
+        self.stats = RunStats()
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes an answer besides the prompt (hashed into the cache key, kept as provenance)."""
+        t = self.teacher
+        return {"backend": "openai", "model": t.model, "endpoint": t.endpoint, "system_prompt": t.system_prompt,
+                "temperature": t.temperature, "top_k": t.top_k, "top_p": t.top_p, "max_tokens": t.max_tokens,
+                "stop": list(self.stop), "extra_body": dict(t.extra_body)}
+
+    def payload(self, job: Job) -> dict[str, Any]:
+        t = self.teacher
+        body: dict[str, Any] = {"model": t.model, "max_tokens": t.max_tokens, "temperature": t.temperature,
+                                "top_p": t.top_p, "seed": job.seed}
+        if t.top_k > 0:
+            body["top_k"] = t.top_k
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if t.endpoint == "chat":
+            system = [{"role": "system", "content": t.system_prompt}] if t.system_prompt else []
+            body["messages"] = system + [{"role": "user", "content": job.prompt}]
+        else:
+            body["prompt"] = job.prompt
+        body.update(t.extra_body)
+        return body
+
+    def run(self, jobs: list[Job], on_done: OnDone, on_fail: OnFail) -> RunStats:
+        self.stats = RunStats()
+        if jobs:
+            asyncio.run(self._run(jobs, on_done, on_fail))
+        return self.stats
+
+    async def _run(self, jobs: list[Job], on_done: OnDone, on_fail: OnFail) -> None:
+        t = self.teacher
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        for job in jobs:
+            queue.put_nowait(job)
+        in_a_row = 0
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        timeout = httpx2.Timeout(t.timeout_s, connect=min(t.timeout_s, 10.0))
+        limits = httpx2.Limits(max_connections=t.concurrency, max_keepalive_connections=t.concurrency)
+
+        async def worker(client: httpx2.AsyncClient) -> None:
+            nonlocal in_a_row
+            while not self.stats.aborted:
+                try:
+                    job = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                try:
+                    text = await self._complete(client, job)
+                except RequestFailed as e:
+                    self.stats.failed += 1
+                    in_a_row += 1
+                    on_fail(job, self._redact(str(e)))
+                    if in_a_row >= t.max_consecutive_failures and not self.stats.aborted:
+                        self.stats.aborted = f"{in_a_row} requests in a row failed, the last with: {self._redact(str(e))}"
+                    continue
+                in_a_row = 0
+                self.stats.done += 1
+                on_done(job, text)
+
+        async with httpx2.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
+            await asyncio.gather(*(worker(client) for _ in range(max(1, t.concurrency))))
+        self.stats.not_started = queue.qsize()
+
+    async def _complete(self, client: httpx2.AsyncClient, job: Job) -> str:
+        t = self.teacher
+        body = self.payload(job)
+        for attempt in range(t.max_retries + 1):
+            retry_after = None
+            try:
+                r = await client.post(self.url, json=body)
+            except (httpx2.TimeoutException, httpx2.TransportError) as e:
+                reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            else:
+                if r.status_code == 200:
+                    return self._text(r)
+                reason = f"HTTP {r.status_code}: {r.text[:300]}"
+                if r.status_code not in RETRY_STATUS and r.status_code < 500:
+                    raise RequestFailed(reason)
+                retry_after = _seconds(r.headers.get("retry-after"))
+            if attempt == t.max_retries:
+                raise RequestFailed(f"gave up after {attempt + 1} attempts; last: {reason}")
+            delay = backoff_delay(attempt, t.backoff_s, t.max_backoff_s, retry_after)
+            self.stats.retries += 1
+            log.info("%s: retry %d/%d in %.1fs after %s", job.info.get("record_id"), attempt + 1, t.max_retries,
+                     delay, self._redact(reason))
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _text(self, r: httpx2.Response) -> str:
+        try:
+            choice = r.json()["choices"][0]
+            text = choice["message"]["content"] if self.teacher.endpoint == "chat" else choice["text"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RequestFailed(f"unexpected response from {self.url}: {r.text[:300]}") from None
+        return text or ""
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with equal jitter: a random point in [d/2, d], d = base * 2**attempt,
+    at most `cap`; never sooner than a server's Retry-After (itself capped)."""
+    d = min(cap, base * 2**attempt)
+    delay = random.uniform(d / 2, d)
+    if retry_after is not None:
+        delay = max(delay, min(cap, retry_after))
+    return delay
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: rare from model servers, left to the backoff

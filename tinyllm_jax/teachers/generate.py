@@ -1,0 +1,272 @@
+"""`tinyllm rationales`: every record x every teacher x `num_samples` rationales, resumable.
+
+For each teacher and input file: find in-context examples (an examples file, or a zero-shot
+pass over a seeded sample of the file's records), build one request a (record, sample),
+skip those already in the result cache, send the rest, append each answer to the cache as
+it arrives, and finally write each input's records with `rationales[teacher]`,
+`teacher_answers[teacher]` and `provenance[teacher]` filled from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from tinyllm_jax.config import Config, ConfigError, RationalesConfig, TeacherConfig
+from tinyllm_jax.data.records import read_jsonl, write_jsonl
+from tinyllm_jax.errors import UserError
+from tinyllm_jax.eval.scoring import extract, get_task, is_correct
+from tinyllm_jax.teachers.backends import Job, OpenAICompatible, RunStats, read_api_key
+from tinyllm_jax.teachers.cache import ResultCache, entry_key
+from tinyllm_jax.teachers.prompts import PromptTemplate, cut_at_stop, load_template, pick_examples, request_hash
+from tinyllm_jax.teachers.report import format_report, new_counts, tally_answers
+
+
+class IncompleteRun(UserError):
+    """Some requests failed or never ran; what succeeded is cached and written."""
+
+
+@dataclass
+class Dataset:
+    name: str  # the input file's stem: part of every cache key
+    path: Path
+    records: list[dict[str, Any]]
+    by_id: dict[str, dict[str, Any]] = field(init=False)
+
+    def __post_init__(self):
+        self.by_id = {}
+        for r in self.records:
+            if r["id"] in self.by_id:
+                raise UserError(f"{self.path}: record id {r['id']!r} appears twice; ids must be unique in a file")
+            self.by_id[r["id"]] = r
+
+
+def generate_command(cfg: Config) -> dict[str, Any]:
+    """Runs `generate_rationales`, prints the report; raises IncompleteRun if anything is missing."""
+    report = generate_rationales(cfg)
+    print(format_report(report))
+    if not report["complete"]:
+        raise IncompleteRun(
+            f"{report['missing']} rationale requests failed or did not run; the {report['new']} that succeeded "
+            f"are kept in {report['cache']}: rerun the same command to finish"
+        )
+    return report
+
+
+def generate_rationales(cfg: Config, *, on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Collects the rationales and writes the outputs; returns the report (see report.py).
+    `on_result(entry)` is called after each new answer is cached (progress hooks, tests)."""
+    rc = cfg.rationales
+    _check(rc)
+    task = rc.task or cfg.eval.task
+    get_task(task)  # an unknown scoring type fails before any request is sent
+    datasets = _read_inputs(rc)
+    out_dir = Path(rc.output)
+    examples = read_jsonl(rc.examples_file)[0] if rc.examples_file and rc.num_examples > 0 else None
+    report: dict[str, Any] = {"teachers": {}, "cache": str(Path(rc.cache) if rc.cache else out_dir / "cache.jsonl")}
+    planned: dict[tuple[str, str, str], list[str]] = {}  # (dataset, record id, teacher) -> keys
+    with ResultCache(report["cache"]) as cache:
+        for teacher in rc.teachers:
+            template = load_template(teacher.template, rc.templates)
+            run = _TeacherRun(rc, teacher, template, task, cache, on_result)
+            counts = report["teachers"][teacher.name] = {}
+            for ds in datasets:
+                counts[ds.name] = run.dataset(ds, examples, planned)
+        outputs = [_write(ds, rc, cache, planned, out_dir) for ds in datasets]
+    report["outputs"] = [str(p) for p in outputs]
+    all_counts = [c for per_ds in report["teachers"].values() for c in per_ds.values()]
+    report["missing"] = sum(c["requests"] - c["cached"] - c["new"] for c in all_counts)
+    report["new"] = sum(c["new"] for c in all_counts)
+    report["complete"] = report["missing"] == 0 and not any(c["error"] for c in all_counts)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return report
+
+
+class _TeacherRun:
+    """One teacher over each input file: examples, requests, the backend, the cache."""
+
+    def __init__(self, rc: RationalesConfig, teacher: TeacherConfig, template: PromptTemplate, task: str,
+                 cache: ResultCache, on_result):
+        self.rc, self.teacher, self.template, self.task = rc, teacher, template, task
+        self.cache, self.on_result = cache, on_result
+        self.stop = list(dict.fromkeys([*template.stop, *teacher.stop]))
+        if teacher.backend == "local-t5":
+            from tinyllm_jax.teachers.local_t5 import LocalT5
+
+            self.backend = LocalT5(teacher, seed=rc.seed)
+        else:
+            self.backend = OpenAICompatible(teacher, self.stop, api_key=read_api_key(teacher))
+        self.settings = {**self.backend.settings(), "template": template.name, "gold_in_prompt": template.uses_gold}
+
+    def dataset(self, ds: Dataset, examples: list[dict] | None, planned: dict) -> dict[str, Any]:
+        counts = new_counts(len(ds.records))
+        k = self.rc.num_examples
+        pool: dict[str, tuple[dict, str]] = {}
+        if k > 0:
+            pool = self._pool_from(examples) if examples is not None else self._zero_shot_pool(ds, counts)
+            if len(pool) < k + 1:
+                counts["error"] = (f"{len(pool)} records with a usable rationale for in-context examples; "
+                                   f"{k + 1} needed (num_examples + 1)")
+                counts["requests"] = len(ds.records) * self.teacher.num_samples
+                return counts
+        jobs = []
+        for rec in ds.records:
+            ids = pick_examples(list(pool), rec["id"], k, self.rc.seed, ds.name)
+            prompt = self.template.prompt(rec, [pool[i] for i in ids])
+            keys = []
+            for s in range(self.teacher.num_samples):
+                job = self._job(ds, rec, s, prompt, "few-shot" if k else "zero-shot", ids)
+                keys.append(job.key)
+                jobs.append(job)
+            planned[(ds.name, rec["id"], self.teacher.name)] = keys
+        self._send(ds, jobs, counts, f"{self.teacher.name} {ds.name}")
+        return counts
+
+    def _answered(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        return [e for e in (self.cache.get(j.key) for j in jobs) if e is not None]
+
+    def _pool_from(self, examples: list[dict]) -> dict[str, tuple[dict, str]]:
+        """Example records that carry a rationale: this teacher's own if any, else the first."""
+        pool = {}
+        for rec in examples:
+            rats = rec["rationales"]
+            if rats:
+                pool[rec["id"]] = (rec, (rats.get(self.teacher.name) or next(iter(rats.values())))[0])
+        return pool
+
+    def _zero_shot_pool(self, ds: Dataset, counts: dict) -> dict[str, tuple[dict, str]]:
+        """A zero-shot pass over a seeded sample of the file; answers that do not contradict
+        the gold answer become the examples."""
+        ids = sorted(ds.by_id)
+        rng = random.Random(hashlib.sha256(f"{self.rc.seed}\x1f{ds.name}\x1fpool".encode()).digest())
+        chosen = rng.sample(ids, min(len(ids), self.rc.zero_shot_pool))
+        jobs = [self._job(ds, ds.by_id[i], 0, self.template.prompt(ds.by_id[i], []), "zero-shot-pool", [])
+                for i in chosen]
+        pool_counts = new_counts(len(chosen))
+        self._send(ds, jobs, pool_counts, f"{self.teacher.name} {ds.name} (examples)")
+        counts["pool"] = pool_counts
+        return {e["record_id"]: (ds.by_id[e["record_id"]], e["rationale"])
+                for e in self._answered(jobs) if e["rationale"] and e["correct"] is not False}
+
+    def _job(self, ds: Dataset, rec: dict, sample: int, prompt: str, stage: str, example_ids: list[str]) -> Job:
+        seed = int.from_bytes(hashlib.sha256(f"{self.rc.seed}\x1f{ds.name}\x1f{rec['id']}\x1f{sample}".encode())
+                              .digest()[:4], "big") & 0x7FFFFFFF
+        info = {"dataset": ds.name, "record_id": rec["id"], "teacher": self.teacher.name, "sample": sample,
+                "request_hash": request_hash(prompt, {**self.settings, "seed": seed}), "stage": stage,
+                "examples": example_ids, "seed": seed}
+        return Job(key=entry_key(info), prompt=prompt, seed=seed, info=info)
+
+    def _send(self, ds: Dataset, jobs: list[Job], counts: dict, desc: str) -> None:
+        counts["requests"] = len(jobs)
+        pending = [j for j in jobs if j.key not in self.cache]
+        counts["cached"] = len(jobs) - len(pending)
+        bar = tqdm(total=len(pending), desc=desc, unit="req", disable=not self.rc.progress or not pending,
+                   dynamic_ncols=True)
+
+        def on_done(job: Job, raw: str) -> None:
+            rec = ds.by_id[job.info["record_id"]]
+            rationale = cut_at_stop(raw, self.stop)
+            answer = extract(self.task, rationale, rec["choices"]) if rationale else None
+            entry = {**job.info, "rationale": rationale, "answer": answer,
+                     "correct": None if answer is None else is_correct(self.task, rationale, rec["answer"], rec["choices"]),
+                     "raw": raw, "settings": self.settings, "time": round(time.time(), 3)}
+            self.cache.add(entry)
+            counts["new"] += 1
+            bar.update(1)
+            if self.on_result is not None:
+                self.on_result(entry)
+
+        def on_fail(job: Job, reason: str) -> None:
+            counts["failed"] += 1
+            if len(counts["failures"]) < 5:
+                counts["failures"].append(f"{job.info['record_id']} sample {job.info['sample']}: {reason}")
+            bar.update(1)
+            bar.set_postfix(failed=counts["failed"])
+
+        try:
+            stats: RunStats = self.backend.run(pending, on_done, on_fail)
+        finally:
+            bar.close()
+        counts["retries"] += stats.retries
+        counts["error"] = stats.aborted
+        tally_answers(counts, self._answered(jobs))
+
+
+def _write(ds: Dataset, rc: RationalesConfig, cache: ResultCache, planned: dict, out_dir: Path) -> Path:
+    """The input's records with each teacher's complete set of samples; a teacher whose
+    samples are not all in the cache is left out of the record (the rerun adds it)."""
+    out = []
+    for rec in ds.records:
+        rec = {**rec, "rationales": dict(rec["rationales"])}
+        for teacher in rc.teachers:
+            keys = planned.get((ds.name, rec["id"], teacher.name))
+            entries = [cache.get(k) for k in keys] if keys else [None]
+            _set_teacher(rec, teacher.name, None if None in entries else entries)
+        out.append(rec)
+    path = out_dir / ds.path.name
+    write_jsonl(path, out)
+    return path
+
+
+def _set_teacher(rec: dict, name: str, entries: list[dict] | None) -> None:
+    rec["rationales"].pop(name, None)
+    for field_name in ("teacher_answers", "provenance"):
+        if isinstance(rec.get(field_name), dict):
+            rec[field_name] = {k: v for k, v in rec[field_name].items() if k != name}
+    if entries is None:
+        return
+    rationales = [e["rationale"] for e in entries if e["rationale"]]
+    if rationales:
+        rec["rationales"][name] = rationales
+        answers = [e["answer"] for e in entries if e["rationale"] and e["answer"]]
+        if answers:
+            rec.setdefault("teacher_answers", {})[name] = answers
+    first = entries[0]
+    rec.setdefault("provenance", {})[name] = {
+        **first["settings"], "stage": first["stage"], "examples": first["examples"],
+        "samples": [{k: e[k] for k in ("sample", "seed", "request_hash", "raw", "answer", "correct")} for e in entries],
+    }
+
+
+def _read_inputs(rc: RationalesConfig) -> list[Dataset]:
+    seen: dict[str, str] = {}
+    datasets = []
+    for p in rc.input:
+        path = Path(p)
+        if path.name in seen:
+            raise ConfigError(f"rationales.input: {p} and {seen[path.name]} share the file name {path.name!r}, "
+                              "and outputs are written by file name")
+        seen[path.name] = p
+        datasets.append(Dataset(path.stem, path, read_jsonl(path)[0]))
+    return datasets
+
+
+def _check(rc: RationalesConfig) -> None:
+    if not rc.input:
+        raise ConfigError("rationales.input: expected a list of record files, found none")
+    if not rc.output:
+        raise ConfigError("rationales.output: expected an output directory, found ''")
+    if not rc.teachers:
+        raise ConfigError("rationales.teachers: expected at least one teacher, found none")
+    names = [t.name for t in rc.teachers]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"rationales.teachers: teacher names must be unique; repeated: {sorted(dup)}")
+    if rc.num_examples < 0:
+        raise ConfigError(f"rationales.num_examples: expected >= 0, found {rc.num_examples}")
+    if rc.num_examples > 0 and not rc.examples_file and rc.zero_shot_pool < rc.num_examples + 1:
+        raise ConfigError(f"rationales.zero_shot_pool: expected >= num_examples + 1 = {rc.num_examples + 1}, "
+                          f"found {rc.zero_shot_pool}")
+    for i, t in enumerate(rc.teachers):
+        for key in ("num_samples", "concurrency", "max_tokens", "batch_size", "max_consecutive_failures"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"rationales.teachers[{i}].{key}: expected >= 1, found {getattr(t, key)}")
+        if t.max_retries < 0 or t.timeout_s <= 0 or t.backoff_s < 0:
+            raise ConfigError(f"rationales.teachers[{i}]: expected max_retries >= 0, timeout_s > 0, backoff_s >= 0")
