@@ -21,8 +21,8 @@ def load_tokenizer(name_or_path: str):
         raise UserError(f"{name_or_path}: cannot load a tokenizer: {e}") from None
 
 
-def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512):
-    """Trains a unigram SentencePiece model with T5's special ids (pad 0, eos 1, unk 2),
+def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512, model_type: str = "unigram"):
+    """Trains a SentencePiece model (unigram or bpe) with T5's special ids (pad 0, eos 1, unk 2),
     saves it in `out_dir` as a transformers T5 tokenizer and returns the tokenizer."""
     import sentencepiece as spm
     from transformers import T5Tokenizer
@@ -34,7 +34,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: i
             sentence_iterator=iter(list(texts)),
             model_prefix=f"{tmp}/spiece",
             vocab_size=vocab_size,
-            model_type="unigram",
+            model_type=model_type,
             pad_id=0,
             eos_id=1,
             unk_id=2,

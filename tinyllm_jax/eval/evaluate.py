@@ -1,0 +1,145 @@
+"""Evaluation: greedy-decode the answer stream of a split under the training mesh, score
+it with the dataset's answer type, write predictions and a summary. The same code runs
+inside training (validation, then test once with the selected checkpoint) and in
+`tinyllm eval`, so both report the same accuracy for the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinyllm_jax.config import Config, ConfigError
+from tinyllm_jax.errors import UserError
+from tinyllm_jax.model.t5 import T5Config
+
+log = logging.getLogger("tinyllm.eval")
+
+
+def answer_stream(cfg: Config):
+    for s in cfg.data.streams:
+        if s.teacher is None:
+            return s
+    raise ConfigError("data.streams: evaluation needs an answer stream (a stream without `teacher`)")
+
+
+class Evaluation:
+    """Holds a split's tokenised inputs, so repeated evaluations during training only decode."""
+
+    def __init__(self, cfg: Config, t5cfg: T5Config, tokenizer, mesh=None):
+        self.cfg, self.t5cfg, self.tokenizer, self.mesh = cfg, t5cfg, tokenizer, mesh
+        self._splits: dict[str, tuple[list[dict], list[np.ndarray]]] = {}
+
+    def _inputs(self, split: str):
+        if split not in self._splits:
+            from tinyllm_jax.data.sources import load_split
+            from tinyllm_jax.data.streams import build_examples
+
+            records, _ = load_split(self.cfg.data, split)
+            if self.cfg.eval.max_examples and split == "validation":
+                records = records[: self.cfg.eval.max_examples]
+            stream = answer_stream(self.cfg)
+            ex = build_examples(records, [stream], self.tokenizer, self.cfg.data.max_input_length,
+                                self.cfg.data.max_target_length, "gold", self.cfg.data.lenient)
+            kept = [records[int(i)] for i in ex.record_index]
+            inputs = [ex.enc(i) for i in range(len(ex))]
+            longest = max(len(ex.dec(i)) for i in range(len(ex)))
+            if longest > self.cfg.eval.max_new_tokens:
+                log.warning("%s: the longest gold answer has %d tokens but eval.max_new_tokens is %d: "
+                            "long answers will be cut and scored wrong", split, longest, self.cfg.eval.max_new_tokens)
+            self._splits[split] = (kept, inputs)
+        return self._splits[split]
+
+    def _shard(self):
+        if self.mesh is None:
+            return None
+        from tinyllm_jax.train.sharding import batch_sharding
+
+        import jax
+
+        sharding = batch_sharding(self.mesh)
+        return lambda arr: jax.device_put(arr, sharding)
+
+    def batch_size(self) -> int:
+        bs = self.cfg.eval.batch_size
+        if self.mesh is not None:
+            from tinyllm_jax.train.sharding import batch_divisor
+
+            d = batch_divisor(self.mesh)
+            bs = -(-bs // d) * d  # round up: rows are split over the batch axes
+        return bs
+
+    def run(self, params: Any, split: str, run_dir: str | Path | None = None, step: int | None = None) -> dict[str, Any]:
+        from tinyllm_jax.eval import scoring
+        from tinyllm_jax.eval.decode import generate_ids
+
+        records, inputs = self._inputs(split)
+        ids = generate_ids(self.t5cfg, params, inputs, self.cfg.eval.max_new_tokens, self.batch_size(),
+                           progress=self.cfg.train.progress, shard_batch=self._shard())
+        preds = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        task = self.cfg.eval.task
+        rows = []
+        for rec, inp, pred in zip(records, inputs, preds):
+            extracted = scoring.extract(task, pred, rec.get("choices", []))
+            correct = scoring.is_correct(task, pred, rec["answer"], rec.get("choices", []))
+            rows.append({"id": rec["id"], "input": self.tokenizer.decode(inp, skip_special_tokens=True),
+                         "gold": rec["answer"], "prediction": pred, "extracted": extracted, "correct": bool(correct)})
+        n = len(rows)
+        summary = {"split": split, "step": step, "task": task, "n": n,
+                   "accuracy": sum(r["correct"] for r in rows) / max(n, 1),
+                   "extracted": sum(r["extracted"] is not None for r in rows) / max(n, 1)}
+        if run_dir is not None:
+            out = Path(run_dir) / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            tag = f"{split}-step{step}" if step is not None else split
+            with open(out / f"predictions-{tag}.jsonl", "w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def evaluate_command(cfg: Config, checkpoint: str | None = None, split: str = "test") -> dict[str, Any]:
+    """`tinyllm eval`: a run's checkpoint (best, else latest; or `checkpoint` = a step
+    directory or a step number) on `split`; the summary is printed and written."""
+    import jax
+
+    from tinyllm_jax.model.tokenizer import load_tokenizer
+    from tinyllm_jax.train import sharding
+    from tinyllm_jax.train.checkpoint import Checkpointer
+
+    run_dir = Path(cfg.run_dir)
+    model_cfg = run_dir / "model_config.json"
+    if not model_cfg.is_file():
+        raise UserError(f"{run_dir}: not a training run directory (no model_config.json); train first or set run_dir=")
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and not cfg.data.train:
+        from tinyllm_jax.config import load_config
+
+        cfg = load_config(saved)
+    t5cfg = T5Config(**json.loads(model_cfg.read_text()))
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
+    step = _checkpoint_step(checkpoint, ckpt)
+    params = ckpt.restore_params(step)
+    ckpt.close()
+    mesh = sharding.make_mesh(cfg.mesh)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    summary = Evaluation(cfg, t5cfg, tokenizer, mesh).run(params, split, run_dir, step)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def _checkpoint_step(checkpoint: str | None, ckpt) -> int:
+    steps = sorted(ckpt.manager.all_steps())
+    if not steps:
+        raise UserError(f"{ckpt.manager.directory}: no checkpoints")
+    if checkpoint is None:
+        return ckpt.best_step()
+    name = Path(checkpoint).name
+    if name.isdigit() and int(name) in steps:
+        return int(name)
+    raise UserError(f"--checkpoint {checkpoint}: no such checkpoint step (saved steps: {steps})")

@@ -1,0 +1,94 @@
+"""Orbax checkpoints: async saves, the last K kept plus the best by a validation metric,
+exact resume (train state and data iterator state), and loading a run for export.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a
+kill during a save leaves the previous checkpoint as the latest good one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from tinyllm_jax.config import CheckpointConfig
+from tinyllm_jax.errors import UserError
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False):
+        self.cfg = cfg
+        metric = cfg.best_metric
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=max(1, cfg.keep))]
+        if cfg.keep_best:
+            policies.append(pp.BestN(get_metric_fn=lambda m: m[metric], reverse=cfg.best_mode == "min", n=1,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            best_fn=(lambda m: m[metric]) if cfg.keep_best else None,
+            best_mode=cfg.best_mode,
+            enable_async_checkpointing=cfg.async_save,
+            read_only=read_only,
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
+
+    def save(self, step: int, state: Any, data_state: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the best validation metric, else the latest."""
+        steps_with_metrics = [c for c in self.manager._checkpoints if c.metrics]  # noqa: SLF001
+        return self.manager.best_step() if steps_with_metrics else self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state: Any | None = None) -> tuple[Any, dict[str, Any]]:
+        state_args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else ocp.args.StandardRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore()))
+        return out["state"], out["data"]
+
+    def restore_params(self, step: int) -> Any:
+        """Only the parameters, as host arrays (for export and stand-alone evaluation)."""
+        import jax
+        import numpy as np
+
+        meta = self.manager.item_metadata(step)["state"]
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=meta, restore_args=as_numpy)))
+        return out["state"]["params"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_run_for_export(run_dir: Path, step: int | None = None):
+    """(params, T5Config, tokenizer) of a training run's best (else latest) checkpoint."""
+    from tinyllm_jax.config import load_config
+    from tinyllm_jax.model.t5 import T5Config
+    from tinyllm_jax.model.tokenizer import load_tokenizer
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    model_cfg_path = run_dir / "model_config.json"
+    if not model_cfg_path.is_file():
+        raise UserError(f"{run_dir}: no model_config.json (not a tinyllm training run directory?)")
+    t5cfg = T5Config(**json.loads(model_cfg_path.read_text()))
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
+    step = step if step is not None else ckpt.best_step()
+    if step is None:
+        raise UserError(f"{run_dir}/checkpoints: no checkpoint saved yet")
+    if step not in ckpt.manager.all_steps():
+        raise UserError(f"{run_dir}/checkpoints: no step {step} (saved: {sorted(ckpt.manager.all_steps())})")
+    params = ckpt.restore_params(step)
+    ckpt.close()
+    return params, t5cfg, load_tokenizer(str(run_dir / "tokenizer"))

@@ -1,0 +1,315 @@
+"""The train step and the loop: one jitted, sharded step over packed multi-stream batches
+with the fused weighted loss; logging, evaluation, checkpoints, preemption and resume.
+
+Every recipe (TinyLLM, step-by-step, Mentor-KD, FAIR) runs this loop; they differ in
+their configs (streams, weights) and in the data stages that run before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from tinyllm_jax.config import Config, save_config
+from tinyllm_jax.model.t5 import T5, T5Config
+from tinyllm_jax.train import loss as loss_lib
+from tinyllm_jax.train import sharding
+from tinyllm_jax.train.checkpoint import Checkpointer
+from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device, train_flops_per_step
+from tinyllm_jax.train.optim import make_optimizer
+
+log = logging.getLogger("tinyllm.train")
+
+MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_loss: float) -> Callable:
+    model = T5(t5cfg, deterministic=t5cfg.dropout_rate == 0.0)
+    num_streams = weights.shape[0]
+
+    def loss_fn(params, batch, counts_S, rng):
+        logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), rngs={"dropout": rng})
+        tokens = loss_lib.token_losses(logits, batch["decoder_target_tokens"], label_smoothing, z_loss)
+        sums_S = loss_lib.stream_sums(tokens, batch["decoder_stream_ids"], batch["decoder_segment_ids"] > 0, num_streams)
+        total, _ = loss_lib.weighted_loss(sums_S, counts_S, weights)
+        return total, sums_S
+
+    return loss_fn
+
+
+def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    weights: np.ndarray, accum_steps: int, seed: int, label_smoothing: float = 0.0,
+                    z_loss: float = 0.0) -> Callable:
+    """state, batch -> state, metrics. With `accum_steps` > 1 every batch array has a
+    leading microbatch axis; the loss is normalised over the whole accumulated batch."""
+    weights = jnp.asarray(weights, jnp.float32)
+    num_streams = weights.shape[0]
+    loss_fn = make_loss_fn(t5cfg, weights, label_smoothing, z_loss)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    base_key = jax.random.key(seed)
+
+    def step_fn(state, batch):
+        params, step = state["params"], state["step"]
+        rng = jax.random.fold_in(base_key, step)
+        flat = batch if accum_steps == 1 else jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)
+        counts_S = loss_lib.stream_token_counts(flat, num_streams)
+        if accum_steps == 1:
+            (_, sums_S), grads = grad_fn(params, batch, counts_S, rng)
+        else:
+            def micro(carry, mb_and_i):
+                mb, i = mb_and_i
+                g_acc, s_acc = carry
+                (_, s), g = grad_fn(params, mb, counts_S, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, g_acc, g), s_acc + s), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((num_streams,), jnp.float32))
+            (grads, sums_S), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum_steps)))
+        total, means_S = loss_lib.weighted_loss(sums_S, counts_S, weights)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": step + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        metrics = {
+            "loss": total, "stream_loss": means_S, "stream_tokens": counts_S,
+            "grad_norm": optax.global_norm(grads), "lr": schedule(step),
+            "real_tokens": jnp.sum(flat["encoder_segment_ids"] > 0) + jnp.sum(flat["decoder_segment_ids"] > 0),
+        }
+        return new_state, metrics
+
+    return step_fn
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The sharded state and the compiled step of one run."""
+
+    cfg: Config
+    t5cfg: T5Config
+    mesh: jax.sharding.Mesh
+    stream_names: list[str]
+    state: dict[str, Any] = None
+    step_fn: Callable = None
+    state_shardings: Any = None
+    param_shardings: Any = None
+
+    @classmethod
+    def create(cls, cfg: Config, t5cfg: T5Config, mesh, stream_names, weights, imported_params=None) -> "Trainer":
+        self = cls(cfg, t5cfg, mesh, list(stream_names))
+        rules = sharding.logical_rules(cfg.mesh)
+        model = T5(t5cfg)
+        dummy = jnp.ones((1, 8), jnp.int32)
+        init = lambda key: model.init(key, dummy, dummy)["params"]  # noqa: E731
+        boxed = jax.eval_shape(init, jax.random.key(cfg.train.seed))
+        self.param_shardings = sharding.param_shardings(boxed, mesh, rules)
+        if imported_params is not None:
+            params = jax.device_put(imported_params, self.param_shardings)
+        else:
+            params = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=self.param_shardings)(jax.random.key(cfg.train.seed))
+        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        opt_state = jax.jit(tx.init)(params)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        self.state = jax.device_put(state, self.state_shardings)
+        step = make_train_step(t5cfg, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
+                               cfg.optim.label_smoothing, cfg.optim.z_loss)
+        lead = 1 if cfg.optim.grad_accum_steps > 1 else 0
+        bs = sharding.put_batch_shardings(mesh, lead)
+        self.step_fn = jax.jit(step, in_shardings=(self.state_shardings, bs),
+                               out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+        return self
+
+    def abstract_state(self) -> Any:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+
+    def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        a = self.cfg.optim.grad_accum_steps
+        batch = {k: batch[k] for k in (*MODEL_INPUTS, "decoder_target_tokens", "decoder_stream_ids")}
+        if a > 1:
+            batch = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
+        return sharding.put_batch(batch, self.mesh, leading=1 if a > 1 else 0)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and exits cleanly at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _host_metrics(m: dict[str, Any], stream_names: list[str]) -> dict[str, Any]:
+    m = jax.device_get(m)
+    out = {"step": None, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+           "real_tokens": int(m["real_tokens"])}
+    for name, v, n in zip(stream_names, m["stream_loss"], m["stream_tokens"]):
+        out[f"loss/{name}"] = float(v) if n > 0 else None
+    return out
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Runs (or resumes) the run described by `cfg`; returns the final summary."""
+    from tqdm.auto import tqdm
+
+    from tinyllm_jax.data.packing import PackedIterator
+    from tinyllm_jax.data.streams import examples_for_split, stream_weights
+    from tinyllm_jax.train.student import build_student, prepare_demo_data
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = prepare_demo_data(cfg, run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    t5cfg, tokenizer, imported = build_student(cfg, run_dir)
+    mesh = sharding.make_mesh(cfg.mesh)
+    if cfg.train.batch_size % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
+        from tinyllm_jax.config import ConfigError
+
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp "
+                          f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
+    examples = examples_for_split(cfg.data, "train", tokenizer)
+    data = PackedIterator(examples, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length,
+                          seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row)
+    stream_names = [s.name for s in cfg.data.streams]
+    trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), imported)
+    del imported
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    start = ckpt.latest_step() or 0
+    if start:
+        trainer.state, data_state = ckpt.restore(start, trainer.abstract_state())
+        data.restore(data_state)
+        log.info("resumed from step %d", start)
+    metrics_log = MetricsLog(run_dir, resume_step=start if start else None)
+    evaluator = _make_evaluator(cfg, t5cfg, tokenizer, mesh, run_dir, metrics_log)
+
+    peak = peak_flops_per_device()
+    flops = train_flops_per_step(t5cfg, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length)
+    total = cfg.train.steps
+    pending: tuple[int, Any] | None = None
+    interval_tokens, interval_start = 0, time.time()
+    last_logged: dict[str, Any] = {}
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.train.progress,
+               dynamic_ncols=True)
+
+    def flush(step_done: int, metrics: Any) -> dict[str, Any]:
+        """Reads step `step_done`'s metrics (after the next step was dispatched)."""
+        nonlocal interval_tokens, interval_start, last_logged
+        m = _host_metrics(metrics, stream_names)
+        if not np.isfinite(m["loss"]):
+            raise NonFiniteLoss(
+                f"loss is {m['loss']} at step {step_done}; stopping. The last good checkpoint "
+                f"(step {ckpt.latest_step()}) is kept in {run_dir / 'checkpoints'}")
+        interval_tokens += m["real_tokens"]
+        if step_done % cfg.train.log_every == 0 or step_done == total:
+            now = time.time()
+            steps_in = cfg.train.log_every if step_done % cfg.train.log_every == 0 else step_done % cfg.train.log_every
+            dt = max(now - interval_start, 1e-9)
+            m.update(step=step_done, time=now, tokens_per_s=interval_tokens / dt, step_time_s=dt / max(steps_in, 1))
+            if peak:
+                m["mfu"] = flops / (dt / max(steps_in, 1)) / (peak * mesh.size)
+            metrics_log.write(m)
+            last_logged = m
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items()
+                             if k.startswith("loss") and v is not None} | {"tok/s": f"{m['tokens_per_s']:.0f}"})
+            interval_tokens, interval_start = 0, now
+        return m
+
+    result: dict[str, Any] = {}
+    try:
+        with _Preemption() as preempt:
+            step = start
+            while step < total:
+                batch = trainer.put(next(data))
+                trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+                step += 1
+                if pending is not None:
+                    flush(*pending)
+                pending = (step, metrics)
+                bar.update(1)
+                eval_due = evaluator is not None and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0
+                save_due = step % cfg.checkpoint.every_steps == 0 or step == total or preempt.requested
+                if eval_due or save_due:
+                    flush(*pending)
+                    pending = None
+                    eval_metrics = evaluator(trainer.state["params"], step, "validation") if eval_due else None
+                    ckpt.save(step, trainer.state, data.state(),
+                              metrics=eval_metrics if eval_metrics and cfg.checkpoint.best_metric in eval_metrics else None)
+                if preempt.requested:
+                    ckpt.wait()
+                    log.warning("SIGTERM: saved step %d, exiting", step)
+                    return {"preempted_at": step}
+            if pending is not None:
+                flush(*pending)
+        ckpt.wait()
+        result = {"steps": total, "final_loss": last_logged.get("loss")}
+        if evaluator is not None and cfg.data.test:
+            best = ckpt.best_step()
+            params = trainer.state["params"]
+            if best is not None and best != total:
+                restored, _ = ckpt.restore(best, trainer.abstract_state())
+                params = restored["params"]
+            result["test"] = evaluator(params, best or total, "test")
+            result["test_checkpoint_step"] = best or total
+        (run_dir / "summary.json").write_text(__import__("json").dumps(result, indent=2))
+        return result
+    finally:
+        bar.close()
+        ckpt.close()
+        metrics_log.close()
+
+
+def _make_evaluator(cfg: Config, t5cfg: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
+    """params, step, split -> metrics dict (logged), or None when there is nothing to evaluate."""
+    if not cfg.data.validation and not cfg.data.test:
+        return None
+    from tinyllm_jax.eval.evaluate import Evaluation
+
+    evaluation = Evaluation(cfg, t5cfg, tokenizer, mesh)
+
+    def run(params, step: int, split: str) -> dict[str, float] | None:
+        if not getattr(cfg.data, split):
+            return None
+        summary = evaluation.run(params, split, run_dir, step)
+        prefix = "eval" if split == "validation" else "test"
+        record = {"step": step, **{f"{prefix}_{k}": v for k, v in summary.items()
+                                   if k != "step" and isinstance(v, (int, float))}}
+        metrics_log.write(record)
+        log.info("step %d %s: %s", step, split, {k: v for k, v in record.items() if k != "step"})
+        return record
+
+    return run

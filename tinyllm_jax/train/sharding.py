@@ -1,0 +1,93 @@
+"""The device mesh (data, fsdp, tensor) and the logical-axis rules that place parameters
+and batches on it. The rules are data from the config; nothing here names a layer."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tinyllm_jax.config import ConfigError, MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    fsdp, tensor = cfg.fsdp, cfg.tensor
+    data = cfg.data if cfg.data > 0 else n // max(1, fsdp * tensor)
+    if data * fsdp * tensor != n or min(data, fsdp, tensor) < 1:
+        raise ConfigError(
+            f"mesh: data={cfg.data} x fsdp={fsdp} x tensor={tensor} does not cover the {n} devices "
+            f"(set mesh.data=-1 to use all devices left over by fsdp and tensor)")
+    grid = np.asarray(devices).reshape(data, fsdp, tensor)
+    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
+    rules = []
+    for item in cfg.rules:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ConfigError(f"mesh.rules: expected [logical_axis, mesh_axis or list or null], found {item!r}")
+        logical, physical = item
+        physical = tuple(physical) if isinstance(physical, list) else physical
+        for ax in (physical if isinstance(physical, tuple) else (physical,)):
+            if ax is not None and ax not in AXES:
+                raise ConfigError(f"mesh.rules: {logical!r} maps to unknown mesh axis {ax!r} (known: {AXES})")
+        rules.append((logical, physical))
+    return tuple(rules)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drops mesh axes from dimensions they do not divide (e.g. 3 heads over tensor=2):
+    such a dimension is replicated rather than unevenly split."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axes if size == 1 or dim % size == 0 else None)
+    return P(*out)
+
+
+def param_shardings(abstract_boxed_params: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for parameters from their logical axis annotations."""
+    logical = nn.get_partition_spec(abstract_boxed_params)
+    shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
+    shapes = nn.unbox(abstract_boxed_params)
+    return jax.tree.map(lambda s, x: NamedSharding(mesh, _fit(s.spec, x.shape, mesh)), shardings, shapes)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over (data, fsdp); the length dimension whole."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, leading: int = 0) -> dict[str, jax.Array]:
+    """Host numpy batch -> global jax arrays sharded over the batch axes. With `leading`
+    extra dimensions (gradient accumulation), rows are dimension `leading`."""
+    def put(x):
+        spec = P(*([None] * leading), BATCH_AXES, *([None] * (x.ndim - leading - 1)))
+        sharding = NamedSharding(mesh, spec)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return {k: put(v) for k, v in batch.items()}
+
+
+def put_batch_shardings(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """The sharding `put_batch` gives 2-D (or, with `leading`, 3-D) batch arrays."""
+    return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, None))

@@ -1,0 +1,77 @@
+"""The student and its tokenizer for a run: imported from a Hugging Face checkpoint, or
+built from the config's architecture (with the demo's own SentencePiece tokenizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from tinyllm_jax.config import Config, ConfigError
+from tinyllm_jax.model.t5 import T5Config
+
+
+def prepare_demo_data(cfg: Config, run_dir: Path) -> Config:
+    """With a `demo:` section, writes the generated data set into RUN_DIR/data (once) and
+    points data.train/validation/test at it."""
+    if not cfg.demo:
+        return cfg
+    from tinyllm_jax.data.demo import write_demo_from_options
+
+    opts = {k: v for k, v in cfg.demo.items() if k != "vocab_size"}  # vocab_size: the tokenizer's
+    paths = write_demo_from_options(run_dir / "data", opts)
+    data = dataclasses.replace(cfg.data, train=[str(paths["train"])], validation=[str(paths["validation"])],
+                               test=[str(paths["test"])])
+    return dataclasses.replace(cfg, data=data)
+
+
+def build_student(cfg: Config, run_dir: Path) -> tuple[T5Config, Any, Any | None]:
+    """(architecture, tokenizer, imported params or None). The tokenizer is saved in
+    RUN_DIR/tokenizer and the architecture in RUN_DIR/model_config.json, for export."""
+    m = cfg.model
+    tok_dir = run_dir / "tokenizer"
+    params = None
+    if m.init:
+        from tinyllm_jax.model.hf import load_pretrained
+
+        _, params, tokenizer, t5cfg = load_pretrained(m.init, tokenizer=m.tokenizer is None)
+        t5cfg = t5cfg.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
+    else:
+        t5cfg = T5Config(
+            vocab_size=m.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff, num_layers=m.num_layers,
+            num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads,
+            relative_attention_num_buckets=m.relative_attention_num_buckets,
+            relative_attention_max_distance=m.relative_attention_max_distance,
+            feed_forward_proj=m.feed_forward_proj, dropout_rate=m.dropout_rate,
+            layer_norm_epsilon=m.layer_norm_epsilon, tie_word_embeddings=m.tie_word_embeddings,
+            scale_decoder_outputs=m.tie_word_embeddings, dtype=m.dtype, remat=m.remat)
+        tokenizer = None
+    if m.tokenizer:
+        from tinyllm_jax.model.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(m.tokenizer)
+    elif tokenizer is None and (tok_dir / "tokenizer_config.json").is_file():
+        from tinyllm_jax.model.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(str(tok_dir))  # a resumed demo run keeps its tokenizer
+    elif tokenizer is None and cfg.demo:
+        tokenizer = _train_demo_tokenizer(cfg, tok_dir)
+    elif tokenizer is None:
+        raise ConfigError("model.tokenizer: required when model.init is not set (an HF tokenizer directory or hub id)")
+    if len(tokenizer) > t5cfg.vocab_size:
+        raise ConfigError(f"model.vocab_size={t5cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    tokenizer.save_pretrained(str(tok_dir))
+    (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(t5cfg), indent=2))
+    return t5cfg, tokenizer, params
+
+
+def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
+    from tinyllm_jax.data.demo import demo_texts
+    from tinyllm_jax.data.records import read_jsonl
+    from tinyllm_jax.model.tokenizer import train_sentencepiece
+
+    records, _ = read_jsonl(cfg.data.train[0])
+    texts = demo_texts(records, extra=[s.prefix for s in cfg.data.streams])
+    # BPE: on a corpus this small, unigram stops near single characters
+    return train_sentencepiece(texts, tok_dir, vocab_size=int(cfg.demo.get("vocab_size", 256)), model_type="bpe")
