@@ -4,6 +4,7 @@ retries, resume after failures and after SIGKILL, the API key kept out of every 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import signal
@@ -111,12 +112,41 @@ def test_failures_are_reported_and_a_rerun_sends_only_what_is_missing(tmp_path, 
 
 def test_a_dead_server_stops_the_run_early(tmp_path, stub):
     cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "max_retries": 0, "concurrency": 1,
-                                  "max_consecutive_failures": 3}, records=8, examples=3)
+                                  "max_consecutive_failures": 3}, records=8, examples=3, inputs=("train", "test"))
     stub.always = 500
     report = generate_rationales(load(cfg))
-    t = report["teachers"]["t1"]["train"]
-    assert not report["complete"] and t["failed"] == 3 and len(stub.bodies) == 3
-    assert "3 requests in a row failed" in t["error"] and report["missing"] == 8
+    t = report["teachers"]["t1"]
+    assert not report["complete"] and t["train"]["failed"] == 3 and len(stub.bodies) == 3
+    assert "3 requests in a row failed" in t["train"]["error"] and report["missing"] == 16
+    assert t["test"]["error"].startswith("not started") and t["test"]["new"] == 0
+
+
+def test_two_teachers_two_templates_each_fill_their_own_fields(tmp_path, stub):
+    teachers = [{"name": "forced", "base_url": stub.url, "model": "m"},
+                {"name": "free", "base_url": stub.url, "model": "m2", "endpoint": "chat", "template": "no_gold",
+                 "system_prompt": "You are a careful teacher."}]
+    cfg = write_config(tmp_path, teachers, records=3, num_examples=0)
+    assert generate_rationales(load(cfg))["complete"]
+    chat = [b for b in stub.bodies if "messages" in b]
+    plain = [b for b in stub.bodies if "prompt" in b]
+    assert len(chat) == len(plain) == 3
+    assert all(b["model"] == "m2" and b["messages"][0] == {"role": "system", "content": "You are a careful teacher."}
+               and "Answer: (" not in prompt_of(b) for b in chat)
+    assert all(b["model"] == "m" and "Answer: (" in b["prompt"] for b in plain)
+    for r in read_lines(tmp_path / "out" / "train.jsonl"):
+        assert set(r["rationales"]) == set(r["provenance"]) == {"forced", "free"}
+        assert r["provenance"]["free"]["gold_in_prompt"] is False and r["provenance"]["free"]["endpoint"] == "chat"
+
+
+def test_bad_records_fail_before_any_request(tmp_path, stub):
+    cfg = write_config(tmp_path, [{"base_url": stub.url, "model": "m"},
+                                  {"name": "t2", "base_url": stub.url, "model": "m"}], records=3, num_examples=0)
+    recs = read_lines(tmp_path / "data" / "train.jsonl")
+    recs[2]["answer"] = "purple"
+    (tmp_path / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with pytest.raises(ConfigError, match=r"train.jsonl: teacher 't1': record 'q2': answer 'purple' is not one"):
+        generate_rationales(load(cfg))
+    assert stub.bodies == []
 
 
 def test_missing_api_key_variable_is_a_config_error(tmp_path, stub, monkeypatch):

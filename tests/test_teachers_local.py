@@ -37,12 +37,14 @@ def test_local_t5_greedy_matches_the_decoder_on_each_prompt(tmp_path, sharp_t5_d
     seeds = {r["id"]: r for r in read_lines(tmp_path / "data" / "seed.jsonl")}
     template = load_template("teacher_forcing", {})
     _, params, tok, cfg = load_pretrained(str(sharp_t5_dir))
+    entries = {e["record_id"]: e for e in cache}
     for rec in recs:
-        prov = rec["provenance"]["t1"]
-        assert prov["backend"] == "local-t5" and prov["temperature"] == 0.0 and len(prov["examples"]) == 2
-        prompt = template.prompt(rec, [(seeds[i], seeds[i]["rationales"]["t1"][0]) for i in prov["examples"]])
+        entry = entries[rec["id"]]
+        assert entry["settings"]["backend"] == "local-t5" and entry["settings"]["temperature"] == 0.0
+        assert len(entry["examples"]) == 2 and rec["id"] not in entry["examples"]
+        prompt = template.prompt(rec, [(seeds[i], seeds[i]["rationales"]["t1"][0]) for i in entry["examples"]])
         expected = generate_texts(cfg, params, tok, [prompt], 8, batch_size=1)[0]
-        assert prov["samples"][0]["raw"] == expected
+        assert entry["raw"] == expected
         if expected.strip():
             assert rec["rationales"]["t1"] == [expected.strip()]
         else:  # an empty answer is never stored as a rationale
@@ -52,11 +54,11 @@ def test_local_t5_greedy_matches_the_decoder_on_each_prompt(tmp_path, sharp_t5_d
 def test_local_t5_sampling_is_seeded_and_resumable(tmp_path, tiny_t5_dir):
     sampling = {"num_samples": 2, "temperature": 1.0, "top_k": 20, "top_p": 0.95}
     _, recs, cache = _run(tmp_path / "a", tiny_t5_dir, **sampling)
-    assert len(cache) == 10 and all(len(r["provenance"]["t1"]["samples"]) == 2 for r in recs)
-    raws = [s["raw"] for r in recs for s in r["provenance"]["t1"]["samples"]]
-    assert len(set(raws)) > 1, "sampling gave one text for every request"
-    _, recs_b, _ = _run(tmp_path / "b", tiny_t5_dir, **sampling)
-    assert [r["provenance"]["t1"]["samples"] for r in recs_b] == [r["provenance"]["t1"]["samples"] for r in recs]
+    assert sorted((e["record_id"], e["sample"]) for e in cache) == [(f"q{i}", s) for i in range(5) for s in (0, 1)]
+    assert len({e["raw"] for e in cache}) > 1, "sampling gave one text for every request"
+    _, recs_b, cache_b = _run(tmp_path / "b", tiny_t5_dir, **sampling)  # same seed, fresh output: same texts
+    assert sorted((e["request_hash"], e["raw"]) for e in cache_b) == sorted((e["request_hash"], e["raw"]) for e in cache)
+    assert recs_b == recs
     # a rerun over the full cache decodes nothing and writes the same records
     (tmp_path / "a" / "out" / "train.jsonl").unlink()
     report, recs_again, _ = _run(tmp_path / "a", tiny_t5_dir, **sampling)

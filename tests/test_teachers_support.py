@@ -30,14 +30,17 @@ def make_records(n: int, prefix: str = "q", rationale_teacher: str | None = None
     return recs
 
 
-def write_config(tmp: Path, teacher: dict[str, Any], records: int = 6, examples: int | None = None,
-                 **rationales: Any) -> Path:
-    """A YAML config over `records` fresh records (and `examples` seed records, if given)."""
+def write_config(tmp: Path, teacher: dict[str, Any] | list[dict[str, Any]], records: int = 6,
+                 examples: int | None = None, inputs: tuple[str, ...] = ("train",), **rationales: Any) -> Path:
+    """A YAML config over `records` fresh records a file of `inputs` (and `examples` seed
+    records, if given); `teacher` (or each of a list) is named t1 unless it says otherwise."""
     data = tmp / "data"
-    write_jsonl(data / "train.jsonl", make_records(records))
-    rc: dict[str, Any] = {"input": [str(data / "train.jsonl")], "output": str(tmp / "out"),
+    for name in inputs:
+        write_jsonl(data / f"{name}.jsonl", make_records(records))
+    teachers = teacher if isinstance(teacher, list) else [teacher]
+    rc: dict[str, Any] = {"input": [str(data / f"{name}.jsonl") for name in inputs], "output": str(tmp / "out"),
                           "teachers": [{"name": "t1", "max_tokens": 16, "timeout_s": 5, "backoff_s": 0.01,
-                                        "max_backoff_s": 0.05, **teacher}], "progress": False}
+                                        "max_backoff_s": 0.05, **t} for t in teachers], "progress": False}
     if examples is not None:
         write_jsonl(data / "seed.jsonl", make_records(examples, prefix="s", rationale_teacher="t1"))
         rc["examples_file"] = str(data / "seed.jsonl")

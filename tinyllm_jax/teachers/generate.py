@@ -73,10 +73,17 @@ def generate_rationales(cfg: Config, *, on_result: Callable[[dict[str, Any]], No
     report: dict[str, Any] = {"teachers": {}, "cache": str(Path(rc.cache) if rc.cache else out_dir / "cache.jsonl")}
     planned: dict[tuple[str, str, str], list[str]] = {}  # (dataset, record id, teacher) -> keys
     with ResultCache(report["cache"]) as cache:
-        for teacher in rc.teachers:
-            template = load_template(teacher.template, rc.templates)
-            run = _TeacherRun(rc, teacher, template, task, cache, on_result)
-            counts = report["teachers"][teacher.name] = {}
+        # every template, API key and gold letter is checked before the first request
+        runs = [_TeacherRun(rc, t, load_template(t.template, rc.templates), task, cache, on_result) for t in rc.teachers]
+        for run in runs:
+            for ds in datasets:
+                try:
+                    for rec in ds.records:
+                        run.template.query(rec)
+                except ConfigError as e:
+                    raise ConfigError(f"{ds.path}: teacher {run.teacher.name!r}: {e}") from None
+        for run in runs:
+            counts = report["teachers"][run.teacher.name] = {}
             for ds in datasets:
                 counts[ds.name] = run.dataset(ds, examples, planned)
         outputs = [_write(ds, rc, cache, planned, out_dir) for ds in datasets]
@@ -96,6 +103,7 @@ class _TeacherRun:
                  cache: ResultCache, on_result):
         self.rc, self.teacher, self.template, self.task = rc, teacher, template, task
         self.cache, self.on_result = cache, on_result
+        self.aborted = ""  # set when the backend gave up: later files of this teacher are skipped
         self.stop = list(dict.fromkeys([*template.stop, *teacher.stop]))
         if teacher.backend == "local-t5":
             from tinyllm_jax.teachers.local_t5 import LocalT5
@@ -109,13 +117,13 @@ class _TeacherRun:
         counts = new_counts(len(ds.records))
         k = self.rc.num_examples
         pool: dict[str, tuple[dict, str]] = {}
-        if k > 0:
+        if k > 0 and not self.aborted:
             pool = self._pool_from(examples) if examples is not None else self._zero_shot_pool(ds, counts)
-            if len(pool) < k + 1:
-                counts["error"] = (f"{len(pool)} records with a usable rationale for in-context examples; "
-                                   f"{k + 1} needed (num_examples + 1)")
-                counts["requests"] = len(ds.records) * self.teacher.num_samples
-                return counts
+            if len(pool) < k + 1 and not self.aborted:
+                return self._skip(ds, counts, f"{len(pool)} records with a usable rationale for in-context "
+                                              f"examples; {k + 1} needed (num_examples + 1)")
+        if self.aborted:  # the server is down: do not spend another round of retries on it
+            return self._skip(ds, counts, f"not started: {self.aborted}")
         jobs = []
         for rec in ds.records:
             ids = pick_examples(list(pool), rec["id"], k, self.rc.seed, ds.name)
@@ -127,6 +135,11 @@ class _TeacherRun:
                 jobs.append(job)
             planned[(ds.name, rec["id"], self.teacher.name)] = keys
         self._send(ds, jobs, counts, f"{self.teacher.name} {ds.name}")
+        return counts
+
+    def _skip(self, ds: Dataset, counts: dict[str, Any], why: str) -> dict[str, Any]:
+        counts["error"] = why
+        counts["requests"] = len(ds.records) * self.teacher.num_samples
         return counts
 
     def _answered(self, jobs: list[Job]) -> list[dict[str, Any]]:
@@ -195,7 +208,7 @@ class _TeacherRun:
         finally:
             bar.close()
         counts["retries"] += stats.retries
-        counts["error"] = stats.aborted
+        counts["error"] = self.aborted = stats.aborted
         tally_answers(counts, self._answered(jobs))
 
 
@@ -216,22 +229,24 @@ def _write(ds: Dataset, rc: RationalesConfig, cache: ResultCache, planned: dict,
 
 
 def _set_teacher(rec: dict, name: str, entries: list[dict] | None) -> None:
+    """Replaces the teacher's rationales, answers and provenance in `rec` by `entries`'
+    (samples with no rationale left are dropped, and counted in provenance)."""
     rec["rationales"].pop(name, None)
     for field_name in ("teacher_answers", "provenance"):
         if isinstance(rec.get(field_name), dict):
             rec[field_name] = {k: v for k, v in rec[field_name].items() if k != name}
-    if entries is None:
+    kept = [e for e in entries or [] if e["rationale"]]
+    if not kept:
         return
-    rationales = [e["rationale"] for e in entries if e["rationale"]]
-    if rationales:
-        rec["rationales"][name] = rationales
-        answers = [e["answer"] for e in entries if e["rationale"] and e["answer"]]
-        if answers:
-            rec.setdefault("teacher_answers", {})[name] = answers
+    rec["rationales"][name] = [e["rationale"] for e in kept]
+    answers = [e["answer"] for e in kept if e["answer"]]
+    if answers:
+        rec.setdefault("teacher_answers", {})[name] = answers
     first = entries[0]
     rec.setdefault("provenance", {})[name] = {
         **first["settings"], "stage": first["stage"], "examples": first["examples"],
-        "samples": [{k: e[k] for k in ("sample", "seed", "request_hash", "raw", "answer", "correct")} for e in entries],
+        "samples": [{k: e[k] for k in ("sample", "seed", "request_hash", "raw", "answer", "correct")} for e in kept],
+        **({"empty_samples": len(entries) - len(kept)} if len(kept) < len(entries) else {}),
     }
 
 
