@@ -183,6 +183,11 @@ class _TeacherRun:
         bar = tqdm(total=len(pending), desc=desc, unit="req", disable=not self.rc.progress or not pending,
                    dynamic_ncols=True)
 
+        def _postfix() -> None:  # rate limits show up as retries while the bar runs
+            retries = getattr(getattr(self.backend, "stats", None), "retries", 0)
+            if counts["failed"] or retries:
+                bar.set_postfix(failed=counts["failed"], retries=retries, refresh=False)
+
         def on_done(job: Job, raw: str) -> None:
             rec = ds.by_id[job.info["record_id"]]
             rationale = cut_at_stop(raw, self.stop)
@@ -193,6 +198,7 @@ class _TeacherRun:
             self.cache.add(entry)
             counts["new"] += 1
             bar.update(1)
+            _postfix()
             if self.on_result is not None:
                 self.on_result(entry)
 
@@ -201,7 +207,7 @@ class _TeacherRun:
             if len(counts["failures"]) < 5:
                 counts["failures"].append(f"{job.info['record_id']} sample {job.info['sample']}: {reason}")
             bar.update(1)
-            bar.set_postfix(failed=counts["failed"])
+            _postfix()
 
         try:
             stats: RunStats = self.backend.run(pending, on_done, on_fail)
