@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ class Server:
         self.starts = 0
 
     def start(self, wait: bool = True) -> None:
-        exe = shutil.which("transformers") or str(Path(os.sys.executable).with_name("transformers"))
+        exe = Path(sys.executable).with_name("transformers")  # the CLI of this environment's transformers
+        exe = str(exe) if exe.exists() else shutil.which("transformers")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([exe, "serve", str(self.model_dir), "--device", "cpu", "--host", "127.0.0.1",
