@@ -21,6 +21,7 @@ import optax
 from flax import linen as nn
 
 from tinyllm_jax.config import Config, save_config
+from tinyllm_jax.errors import UserError
 from tinyllm_jax.model.t5 import T5, T5Config
 from tinyllm_jax.train import loss as loss_lib
 from tinyllm_jax.train import sharding
@@ -33,8 +34,8 @@ log = logging.getLogger("tinyllm.train")
 MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UserError):
+    """The loss became NaN or Inf; the run stops, keeping its last good checkpoint."""
 
 
 # --------------------------------------------------------------------------- the step
@@ -124,9 +125,12 @@ class Trainer:
         else:
             params = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=self.param_shardings)(jax.random.key(cfg.train.seed))
         tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        opt_state = jax.jit(tx.init)(params)
+        opt_shardings = sharding.like_params_shardings(
+            jax.eval_shape(tx.init, params), self.param_shardings, params, mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        self.state_shardings = {"step": sharding.replicated(mesh), "params": self.param_shardings,
+                                "opt_state": opt_shardings}
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
         self.state = jax.device_put(state, self.state_shardings)
         step = make_train_step(t5cfg, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
                                cfg.optim.label_smoothing, cfg.optim.z_loss)
@@ -148,6 +152,18 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Our loggers print to stderr whatever other libraries did to the root logger."""
+    for name in ("tinyllm", "tinyllm_jax"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+            logger.addHandler(handler)
+        logger.propagate = False
 
 
 class _Preemption:
@@ -189,7 +205,7 @@ def train(cfg: Config) -> dict[str, Any]:
     from tinyllm_jax.data.streams import examples_for_split, stream_weights
     from tinyllm_jax.train.student import build_student, prepare_demo_data
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = prepare_demo_data(cfg, run_dir)

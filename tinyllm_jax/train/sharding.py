@@ -91,3 +91,23 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, leading: int = 0) -> dic
 def put_batch_shardings(mesh: Mesh, leading: int = 0) -> NamedSharding:
     """The sharding `put_batch` gives 2-D (or, with `leading`, 3-D) batch arrays."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, None))
+
+
+def like_params_shardings(tree_shapes: Any, params_shardings: Any, params_shapes: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree (an optimizer state) whose leaves mirror parameters: a leaf
+    whose key path ends with a parameter's path and has its shape takes that parameter's
+    sharding; anything else (counts, Adafactor's factored moments) is replicated."""
+    by_path = {}
+    for (path, sh), (_, shape) in zip(jax.tree_util.tree_leaves_with_path(params_shardings),
+                                      jax.tree_util.tree_leaves_with_path(params_shapes)):
+        by_path[tuple(str(k) for k in path)] = (sh, shape.shape)
+
+    def pick(path, leaf):
+        keys = tuple(str(k) for k in path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[1] == leaf.shape:
+                return hit[0]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, tree_shapes)
