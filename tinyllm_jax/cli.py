@@ -7,6 +7,7 @@ Heavy modules (JAX, transformers) are imported inside each subcommand so that
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tinyllm_jax.errors import UserError
@@ -107,9 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _maybe_init_distributed() -> None:
+    """Multi-host runs (TPU pods, multi-node GPU) set TINYLLM_DISTRIBUTED=1 on every process;
+    JAX then finds its peers from the environment (Cloud TPU metadata, SLURM, ...)."""
+    if os.environ.get("TINYLLM_DISTRIBUTED") == "1":
+        import jax
+
+        jax.distributed.initialize()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("train", "eval"):
+            _maybe_init_distributed()
         args.fn(args)
     except UserError as e:
         print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
