@@ -68,6 +68,7 @@ class DataConfig:
     test: list[str] = field(default_factory=list)
     source: Literal["files", "hf", "tfds"] = "files"
     hf_name: Optional[str] = None  # `datasets.load_dataset` name (source: hf) or TFDS name
+    hf_config: Optional[str] = None  # the hub dataset's configuration (TFDS: its builder config)
     fields: dict[str, str] = field(default_factory=dict)  # record field -> source field
     streams: list[StreamConfig] = field(
         default_factory=lambda: [StreamConfig(name="answer", prefix="predict: ", weight=1.0)]
@@ -77,6 +78,8 @@ class DataConfig:
     max_target_length: int = 256
     encoder_length: int = 512  # packed row length, encoder side
     decoder_length: int = 256  # packed row length, decoder side
+    max_segments_per_row: Optional[int] = None  # cap on examples packed into one row
+    cache_dir: Optional[str] = None  # tokenized examples are cached here (.npz) when set
     lenient: bool = False
     shuffle_seed: int = 0
 
