@@ -1,0 +1,356 @@
+"""Records -> training examples: the answer stream plus one prefixed stream per teacher.
+
+Each stream of `data.streams` turns every record into examples (encoder ids, decoder ids):
+
+    answer stream    prefix + student input  ->  answer (gold, or a teacher's parsed answer)
+    teacher stream   prefix + student input  ->  rationale, one example per rationale sample
+
+The student input is the TinyLLM reference layout, with an optional context first:
+
+    [context\\n]question\\nAnswer Choices:\\n(a) first\\n(b) second ...
+
+Inputs longer than `max_input_length` lose context tokens first (from the end); only when
+prefix, question and choices alone do not fit is the question cut too (from its start, as
+the ask usually ends it). The choices are never cut. Both are counted per
+stream and reported, as are targets cut at `max_target_length` and records with no
+rationale for a stream's teacher. Pieces are tokenized once each, and the examples are kept
+as flat numpy arrays (optionally cached on disk), so epochs never tokenize again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tinyllm_jax.config import ConfigError, DataConfig, StreamConfig
+from tinyllm_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CHOICE_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def tinyllm_streams(gamma: float = 1.0, alpha: float = 1.0, beta: float = 1.0,
+                    teachers: Sequence[str] = ("flan-t5", "llama")) -> list[StreamConfig]:
+    """TinyLLM's streams: `predict:` (answer, gamma), `explain:` (first teacher, alpha),
+    `rationale:` (second teacher, beta)."""
+    first, second = teachers
+    return [StreamConfig("answer", "predict: ", gamma),
+            StreamConfig(first, "explain: ", alpha, teacher=first),
+            StreamConfig(second, "rationale: ", beta, teacher=second)]
+
+
+def step_by_step_streams(alpha: float = 0.5, teacher: str = "palm") -> list[StreamConfig]:
+    """Distilling step-by-step: `predict:` weighted alpha, `explain:` weighted 1 - alpha."""
+    return [StreamConfig("answer", "predict: ", alpha),
+            StreamConfig(teacher, "explain: ", 1.0 - alpha, teacher=teacher)]
+
+
+def stream_weights(streams: Sequence[StreamConfig]) -> np.ndarray:
+    """Loss weight of each stream, indexed by the batches' `decoder_stream_ids`."""
+    return np.asarray([s.weight for s in streams], np.float32)
+
+
+# --------------------------------------------------------------------------- input text
+
+
+def format_choices(choices: Sequence[str]) -> str:
+    """`Answer Choices:\\n(a) ...\\n(b) ...`, or "" when there are none."""
+    if not choices:
+        return ""
+    if len(choices) > len(CHOICE_LETTERS):
+        raise UserError(f"{len(choices)} answer choices: at most {len(CHOICE_LETTERS)} are supported")
+    return "Answer Choices:\n" + "\n".join(f"({CHOICE_LETTERS[i]}) {c}" for i, c in enumerate(choices))
+
+
+def format_input(record: dict[str, Any], prefix: str = "") -> str:
+    """The student's input text for a record, untruncated (for decoding and display)."""
+    parts = [record.get("context") or "", record["question"], format_choices(record.get("choices", ()))]
+    return prefix + "\n".join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------- examples
+
+
+@dataclass
+class StreamStats:
+    """What building one stream's examples did to the data."""
+
+    examples: int = 0
+    records_without_rationale: int = 0
+    context_truncated: int = 0
+    question_truncated: int = 0  # only when prefix, question and choices alone overflow
+    target_truncated: int = 0
+    answer_from_gold: int = 0  # answer_source is a teacher with no answer for the record
+    skipped: list[str] = field(default_factory=list)  # cannot be built (lenient only)
+
+    def summary(self) -> str:
+        parts = [f"{self.examples} examples"]
+        for name in ("records_without_rationale", "context_truncated", "question_truncated",
+                     "target_truncated", "answer_from_gold"):
+            if getattr(self, name):
+                parts.append(f"{getattr(self, name)} {name.replace('_', ' ')}")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped")
+        return ", ".join(parts)
+
+
+@dataclass
+class Examples:
+    """Tokenized examples of all streams, as flat arrays: example i's encoder ids are
+    `enc_tokens[enc_offsets[i]:enc_offsets[i + 1]]` (ending with EOS), likewise decoder."""
+
+    enc_tokens: np.ndarray
+    enc_offsets: np.ndarray
+    dec_tokens: np.ndarray
+    dec_offsets: np.ndarray
+    stream_ids: np.ndarray  # index into `stream_names` (config order)
+    record_index: np.ndarray  # index into `record_ids`
+    stream_names: list[str]
+    record_ids: list[str]
+    stats: dict[str, StreamStats] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+    @property
+    def enc_lengths(self) -> np.ndarray:
+        return np.diff(self.enc_offsets)
+
+    @property
+    def dec_lengths(self) -> np.ndarray:
+        return np.diff(self.dec_offsets)
+
+    def enc(self, i: int) -> np.ndarray:
+        return self.enc_tokens[self.enc_offsets[i]:self.enc_offsets[i + 1]]
+
+    def dec(self, i: int) -> np.ndarray:
+        return self.dec_tokens[self.dec_offsets[i]:self.dec_offsets[i + 1]]
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "Examples":
+        """The examples at `indices`, in that order (e.g. one stream, for evaluation)."""
+        idx = np.asarray(indices, np.int64)
+        enc, enc_off = _gather(self.enc_tokens, self.enc_offsets, idx)
+        dec, dec_off = _gather(self.dec_tokens, self.dec_offsets, idx)
+        return Examples(enc, enc_off, dec, dec_off, self.stream_ids[idx], self.record_index[idx],
+                        self.stream_names, self.record_ids, self.stats)
+
+    def stream(self, name: str) -> "Examples":
+        if name not in self.stream_names:
+            raise UserError(f"no stream named {name!r}; streams: {', '.join(self.stream_names)}")
+        return self.subset(np.flatnonzero(self.stream_ids == self.stream_names.index(name)))
+
+    def save(self, path: str | Path) -> None:
+        meta = {"stream_names": self.stream_names, "record_ids": self.record_ids,
+                "stats": {k: dataclasses.asdict(v) for k, v in self.stats.items()}}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, enc_tokens=self.enc_tokens, enc_offsets=self.enc_offsets,
+                 dec_tokens=self.dec_tokens, dec_offsets=self.dec_offsets,
+                 stream_ids=self.stream_ids, record_index=self.record_index,
+                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Examples":
+        with np.load(path) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            arrays = {k: z[k] for k in ("enc_tokens", "enc_offsets", "dec_tokens", "dec_offsets",
+                                        "stream_ids", "record_index")}
+        stats = {k: StreamStats(**v) for k, v in meta["stats"].items()}
+        return cls(**arrays, stream_names=meta["stream_names"], record_ids=meta["record_ids"], stats=stats)
+
+
+def _gather(tokens: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lengths = offsets[idx + 1] - offsets[idx]
+    new_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if len(idx) == 0:
+        return tokens[:0], new_off
+    pos = np.repeat(offsets[idx] - new_off[:-1], lengths) + np.arange(new_off[-1])
+    return tokens[pos], new_off
+
+
+def check_streams(streams: Sequence[StreamConfig], records: Sequence[dict[str, Any]],
+                  answer_source: str = "gold") -> None:
+    """Raises ConfigError for duplicate stream names, or a teacher found in no record."""
+    names = [s.name for s in streams]
+    if not streams:
+        raise ConfigError("data.streams: empty; at least one stream is needed")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"data.streams: stream names must be unique, found {dup[0]!r} twice")
+    found = sorted({t for r in records for t in r.get("rationales", {})})
+    for i, s in enumerate(streams):
+        if s.teacher is not None and s.teacher not in found:
+            raise ConfigError(
+                f"data.streams[{i}] ({s.name!r}): teacher {s.teacher!r} has no rationale in any "
+                f"record; teachers found: {', '.join(found) or 'none'}"
+            )
+    if answer_source != "gold":
+        answered = sorted({t for r in records for t in r.get("teacher_answers", {})})
+        if answer_source not in answered:
+            raise ConfigError(
+                f"data.answer_source: teacher {answer_source!r} has no parsed answer "
+                f"(teacher_answers) in any record; teachers with answers: {', '.join(answered) or 'none'}"
+            )
+
+
+def build_examples(
+    records: Sequence[dict[str, Any]],
+    streams: Sequence[StreamConfig],
+    tokenizer: Any,
+    max_input_length: int = 512,
+    max_target_length: int = 256,
+    answer_source: str = "gold",
+    lenient: bool = False,
+    cache_dir: str | Path | None = None,
+) -> Examples:
+    """Tokenizes every stream's examples once; with `cache_dir`, reuses an earlier result
+    for the same records, streams, lengths and tokenizer. Stream ids follow `streams` order.
+
+    An input whose prefix, question and choices exceed `max_input_length` even with no
+    context and the question cut away cannot be built: UserError, or skipped with `lenient`."""
+    check_streams(streams, records, answer_source)
+    cache = None
+    if cache_dir is not None:
+        key = _cache_key(records, streams, tokenizer, max_input_length, max_target_length, answer_source, lenient)
+        cache = Path(cache_dir) / f"examples-{key}.npz"
+        if cache.is_file():
+            return Examples.load(cache)
+    examples = _ExampleBuilder(records, tokenizer, max_input_length, max_target_length, lenient).build(
+        streams, answer_source)
+    for name, st in examples.stats.items():
+        (log.warning if st.question_truncated or st.skipped else log.info)("stream %s: %s", name, st.summary())
+    if cache is not None:
+        examples.save(cache)
+    return examples
+
+
+def examples_for_split(cfg: DataConfig, split: str, tokenizer: Any,
+                       streams: Sequence[StreamConfig] | None = None) -> Examples:
+    """Loads `split` as `cfg` says and builds its examples (all of `cfg.streams` by default)."""
+    from tinyllm_jax.data.sources import load_split
+
+    records, _ = load_split(cfg, split)
+    return build_examples(records, streams if streams is not None else cfg.streams, tokenizer,
+                          cfg.max_input_length, cfg.max_target_length, cfg.answer_source,
+                          cfg.lenient, cfg.cache_dir)
+
+
+def _cache_key(records, streams, tokenizer, *settings) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([dataclasses.asdict(s) for s in streams], sort_keys=True).encode())
+    h.update(json.dumps(settings).encode())
+    h.update(f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}".encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(list(records), sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()[:20]
+
+
+class _ExampleBuilder:
+    """Tokenizes the pieces of every record once, then assembles each stream's examples."""
+
+    def __init__(self, records, tokenizer, max_input_length: int, max_target_length: int, lenient: bool):
+        self.records = records
+        self.tok = tokenizer
+        self.max_in = max_input_length
+        self.max_out = max_target_length
+        self.lenient = lenient
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise UserError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
+        self.context = self._ids([r.get("context") or "" for r in records])
+        self.question = self._ids([r["question"] for r in records])
+        self.choices = self._ids([format_choices(r.get("choices", ())) for r in records])
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def build(self, streams: Sequence[StreamConfig], answer_source: str) -> Examples:
+        enc, dec, sid, rec_idx, stats = [], [], [], [], {}
+        for stream_id, stream in enumerate(streams):
+            st = stats[stream.name] = StreamStats()
+            prefix = self._ids([stream.prefix])[0] if stream.prefix else []
+            for i, targets in self._targets(stream, answer_source, st):
+                try:
+                    enc_ids = self._input(i, prefix, st, stream.name)
+                except UserError as err:
+                    if not self.lenient:
+                        raise
+                    st.skipped.append(str(err))
+                    continue
+                for target in targets:
+                    if len(target) + 1 > self.max_out:
+                        st.target_truncated += 1
+                        target = target[: self.max_out - 1]
+                    enc.append(enc_ids)
+                    dec.append(target + [self.eos])
+                    sid.append(stream_id)
+                    rec_idx.append(i)
+                    st.examples += 1
+        if not enc:
+            raise UserError("no training examples: every stream came out empty")
+        return Examples(*_flat(enc), *_flat(dec), np.asarray(sid, np.int32), np.asarray(rec_idx, np.int32),
+                        [s.name for s in streams], [r["id"] for r in self.records], stats)
+
+    def _targets(self, stream: StreamConfig, answer_source: str, st: StreamStats):
+        """(record index, target ids of each example) for the records this stream covers."""
+        if stream.teacher is None:
+            texts = []
+            for r in self.records:
+                answers = r.get("teacher_answers", {}).get(answer_source) if answer_source != "gold" else None
+                if answer_source != "gold" and not answers:
+                    st.answer_from_gold += 1
+                texts.append(answers[0] if answers else r["answer"])
+            yield from ((i, [ids]) for i, ids in enumerate(self._ids(texts)))
+            return
+        owners, texts = [], []
+        for i, r in enumerate(self.records):
+            samples = r.get("rationales", {}).get(stream.teacher, [])
+            if not samples:
+                st.records_without_rationale += 1
+            owners += [i] * len(samples)
+            texts += samples
+        by_record: dict[int, list[list[int]]] = {}
+        for i, ids in zip(owners, self._ids(texts)):
+            by_record.setdefault(i, []).append(ids)
+        yield from by_record.items()
+
+    def _input(self, i: int, prefix: list[int], st: StreamStats, stream: str) -> list[int]:
+        """prefix + context + question + choices + EOS, cut to fit: context first."""
+        ctx, q, ch = self.context[i], self.question[i], self.choices[i]
+        room = self.max_in - len(prefix) - len(ch) - 1
+        if room < 1:
+            raise UserError(
+                f"record {self.records[i]['id']!r}, stream {stream!r}: prefix and answer choices "
+                f"alone take {len(prefix) + len(ch) + 1} tokens, over max_input_length {self.max_in}; "
+                "raise data.max_input_length"
+            )
+        if len(ctx) + len(q) > room:
+            if ctx:
+                st.context_truncated += 1
+            ctx = ctx[: max(0, room - len(q))]
+            if len(q) > room:  # keep the question's end: that is where the ask usually is
+                st.question_truncated += 1
+                q = q[len(q) - room:]
+        return prefix + ctx + q + ch + [self.eos]
+
+
+def _flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.fromiter((t for s in seqs for t in s), np.int32, int(offsets[-1]))
+    return tokens, offsets
