@@ -38,14 +38,8 @@ def build_student(cfg: Config, run_dir: Path) -> tuple[T5Config, Any, Any | None
         _, params, tokenizer, t5cfg = load_pretrained(m.init, tokenizer=m.tokenizer is None)
         t5cfg = t5cfg.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
     else:
-        t5cfg = T5Config(
-            vocab_size=m.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff, num_layers=m.num_layers,
-            num_decoder_layers=m.num_decoder_layers, num_heads=m.num_heads,
-            relative_attention_num_buckets=m.relative_attention_num_buckets,
-            relative_attention_max_distance=m.relative_attention_max_distance,
-            feed_forward_proj=m.feed_forward_proj, dropout_rate=m.dropout_rate,
-            layer_norm_epsilon=m.layer_norm_epsilon, tie_word_embeddings=m.tie_word_embeddings,
-            scale_decoder_outputs=m.tie_word_embeddings, dtype=m.dtype, remat=m.remat)
+        shared = {f.name: getattr(m, f.name) for f in dataclasses.fields(T5Config) if hasattr(m, f.name)}
+        t5cfg = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
         tokenizer = None
     if m.tokenizer:
         from tinyllm_jax.model.tokenizer import load_tokenizer
