@@ -95,3 +95,28 @@ def test_bucket_ids_match_transformers():
             rel = torch.arange(300)[None, :] - torch.arange(300)[:, None]
             theirs = T5Attention._relative_position_bucket(rel, bidirectional, nb, md).numpy()
             np.testing.assert_array_equal(ours, theirs)
+
+
+def test_remat_and_bf16_compute(tiny_t5_dir):
+    """Remat changes memory, not numbers; bf16 compute keeps fp32 params and stays close."""
+    model, params, _, cfg = load_pretrained(str(tiny_t5_dir), tokenizer=False)
+    from tinyllm_jax.model.t5 import T5
+
+    rng = np.random.default_rng(2)
+    enc = jnp.asarray(_random_batch(rng, [9, 5], cfg.vocab_size), jnp.int32)
+    dec = jnp.asarray(_random_batch(rng, [6, 6], cfg.vocab_size), jnp.int32).at[:, 0].set(0)
+
+    def loss(p, m):
+        return jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, enc, dec))[..., 3])
+
+    base, g_base = jax.value_and_grad(loss)(params, model)
+    for policy in ("full", "dots"):
+        remat, g_remat = jax.value_and_grad(loss)(params, T5(cfg.replace(remat=policy)))
+        assert abs(float(remat) - float(base)) < 1e-6
+        for a, b in zip(jax.tree.leaves(g_base), jax.tree.leaves(g_remat)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    bf16 = T5(cfg.replace(dtype="bfloat16"))
+    logits16 = bf16.apply({"params": params}, enc, dec)
+    assert logits16.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    logits32 = model.apply({"params": params}, enc, dec)
+    assert float(jnp.abs(logits16 - logits32).max()) < 0.1 * float(jnp.abs(logits32).max())
