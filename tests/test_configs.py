@@ -249,3 +249,12 @@ def test_step_by_step_cqa_recipe_trains_on_real_data(tmp_path, dss_data, tiny_st
     assert not [m for m in metrics if "eval_n" in m]  # no validation split
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["test"]["test_n"] == 8
+
+
+def test_overrides_index_lists(tmp_path):
+    from tinyllm_jax.config import ConfigError, load_config
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["data.streams.1.weight=2", "data.streams.2.prefix=why: "])
+    assert cfg.data.streams[1].weight == 2.0 and cfg.data.streams[2].prefix == "why: "
+    with pytest.raises(ConfigError, match=r"data.streams is a list of 3; '7' is not an index"):
+        load_config(ROOT / "configs" / "demo.yaml", ["data.streams.7.weight=2"])

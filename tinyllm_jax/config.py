@@ -229,18 +229,41 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """`a.b.c=value`: value parsed as YAML (so 3, 1e-4, true, [a, b] keep their types)."""
+    """`a.b.c=value`: value parsed as YAML (so 3, 1e-4, true, [a, b] keep their types).
+    A numeric part indexes a list given in the config: `data.streams.1.weight=2`."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.learning_rate=1e-4")
     parts = key.strip().split(".")
-    node = raw
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node = nxt
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    node: Any = raw
+    for depth, p in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "<root>"
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"override {item!r}: {where} is a list of {len(node)}; {p!r} is not an index into it")
+            p = int(p)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {where} is not a section")
+        if last:
+            node[p] = _parse_value(value)
+        elif isinstance(node, dict):
+            node = node.setdefault(p, {})
+        else:
+            node = node[p]
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalars and [..]/{..} literals; anything else (e.g. a prefix "why: ") stays text."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (list, dict)) and not text.lstrip().startswith(("[", "{")):
+        return text
+    return value
 
 
 def from_dict(cls: type, data: Any, where: str = "<config>", prefix: str = "") -> Any:
