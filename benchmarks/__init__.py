@@ -1,0 +1,1 @@
+"""Benchmarks of tinyllm-jax against the reference systems; run `python -m benchmarks.run`."""

@@ -1,0 +1,140 @@
+"""Smoke tests of the benchmark suite (benchmarks/): every benchmark function runs at toy size
+for a step or two and the results carry the keys the README documents. Timings are printed
+by the suite, never asserted here."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` run as a script does not put the checkout on the path
+    sys.path.insert(0, str(ROOT))
+
+from conftest import SHARED_DATA, shared_data_or_skip  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_gpu_suite(tmp_path_factory):
+    """The gpu suite's whole code path (bf16, remat, MFU sweep, both baselines) at toy size,
+    on the demo data, written to a temporary folder."""
+    from benchmarks.run import run_suite
+
+    out = tmp_path_factory.mktemp("bench")
+    results = run_suite("gpu", tiny=True, data_dir=out / "no-data-here", out_dir=out, log=lambda m: None)
+    return results, json.loads(Path(results["path"]).read_text())
+
+
+def test_suite_writes_its_json_named_by_suite_device_and_date(tiny_gpu_suite):
+    from benchmarks.run import device_slug
+
+    results, saved = tiny_gpu_suite
+    today = datetime.date.today().isoformat()
+    assert Path(results["path"]).name == f"gpu-{device_slug()}-{today}-tiny.json"
+    for key in ("suite", "device", "data", "tokenizer", "streams", "models", "training", "packing", "decoding", "mfu"):
+        assert key in saved, key
+    assert saved["data"]["source"] == "demo"
+    assert saved["tokenizer"]["vocab_size"] > 0
+    assert [s["name"] for s in saved["streams"]] == ["answer", "flan-t5", "llama"]
+
+
+def test_training_compares_both_trainers_on_the_same_model(tiny_gpu_suite):
+    _, saved = tiny_gpu_suite
+    (r,) = saved["training"]
+    assert r["dtype"] == "bfloat16"
+    for side in ("ours", "reference"):
+        s = r[side]
+        for key in ("real_tokens_per_s", "step_time_s", "real_token_fraction", "flops_per_step",
+                    "achieved_tflops_per_s", "mfu", "step_times_s"):
+            assert key in s, (side, key)
+        assert s["real_tokens_per_s"] > 0 and 0 < s["real_token_fraction"] <= 1
+    # same architecture on both sides: the parameter counts agree with the saved student's
+    assert r["ours"]["params"] == r["reference"]["params"] == saved["models"]["t5-tiny"]["params"]
+    assert r["reference"]["forward_passes_per_step"] == 3 * r["reference"]["accum_steps"]
+    assert r["ratio_real_tokens_per_s"] > 0
+    assert {m["side"] for m in saved["mfu"]["training"]} == {"ours", "reference"}
+
+
+def test_decoding_and_mfu_sweep_and_packing_sections(tiny_gpu_suite):
+    _, saved = tiny_gpu_suite
+    (d,) = saved["decoding"]
+    assert d["ours"]["generated_tokens"] > 0 and d["reference"]["generated_tokens"] > 0
+    assert d["ratio_tokens_per_s"] > 0 and 0 <= d["identical_rows"] <= d["batch_size"]
+    sweep = saved["mfu"]["sweep"]
+    assert [(m["rows"], m["remat"]) for m in sweep] == [(2, "none"), (2, "dots")]
+    assert all("error" not in m and m["achieved_tflops_per_s"] > 0 for m in sweep)
+    assert saved["mfu"]["matmul_tflops_measured"] > 0
+    assert set(saved["packing"]) == {"reference_tinyllm_max_input_100", "reference_step_by_step", "ours_packed"}
+    assert all(0 < v["encoder"] <= 1 and 0 < v["decoder"] <= 1 for v in saved["packing"].values())
+
+
+def test_table_shows_every_section(tiny_gpu_suite):
+    from benchmarks.run import table
+
+    _, saved = tiny_gpu_suite
+    text = table(saved)
+    for needle in ("training t5-tiny", "ratio (real tokens/s)", "packing", "decoding t5-tiny", "MFU sweep"):
+        assert needle in text, needle
+
+
+def test_reference_trainer_pads_inputs_to_max_length_and_labels_to_the_longest(tmp_path, spm_tokenizer):
+    from benchmarks.reference_torch import ReferenceTrainer, RefStream, tokenize_records
+    from conftest import make_hf_t5
+
+    model_dir = make_hf_t5(tmp_path / "m", vocab_size=128, feed_forward_proj="gated-gelu")
+    streams = [RefStream("answer", "predict: ", 1.0), RefStream("t1", "explain: ", 0.5, "t1")]
+    records = [
+        {"question": "what is two plus three?", "choices": ["five", "six"], "answer": "five",
+         "rationales": {"t1": ["two plus three is five"]}},
+        {"question": "which is heavier?", "choices": ["a rock", "a feather"], "answer": "a rock",
+         "rationales": {}},  # no rationale: trains on EOS alone, as the references do
+    ]
+    feats = tokenize_records(records, streams, spm_tokenizer, max_input_length=40)
+    assert all(len(f[s.name]["input_ids"]) == 40 for f in feats for s in streams)
+    assert feats[1]["t1"]["labels"] == [spm_tokenizer.eos_token_id]
+    trainer = ReferenceTrainer(str(model_dir), spm_tokenizer, streams, micro_batch=2, accum_steps=1)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    out = trainer.step(feats)
+    longest = [max(len(f[s.name]["labels"]) for f in feats) for s in streams]
+    assert out["shapes"] == [((2, 40), (2, n)) for n in longest]
+    real = sum(sum(f[s.name]["attention_mask"]) + len(f[s.name]["labels"]) for f in feats for s in streams)
+    assert out["real_tokens"] == real
+    assert any(not (a == b).all() for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_cli_runs_the_cpu_suite_at_toy_size(tmp_path, capsys):
+    from benchmarks.run import main
+
+    assert main(["--suite", "cpu", "--tiny", "--data", str(tmp_path / "none"), "--out", str(tmp_path),
+                 "--only", "decoding"]) == 0
+    printed = capsys.readouterr().out
+    assert "decoding t5-tiny (float32) batch 4" in printed
+    (path,) = tmp_path.glob("cpu-*-tiny.json")
+    saved = json.loads(path.read_text())
+    assert saved["decoding"] and not saved["training"] and "packing" not in saved
+
+
+def test_real_tinyllm_data_is_used_when_present(tmp_path):
+    shared_data_or_skip("tinyllm.tar.xz")
+    from benchmarks.run import TEACHERS, load_records
+
+    train, test, info = load_records(SHARED_DATA, tmp_path, max_records=10)
+    assert info["source"] == "tinyllm-obqa" and info["records"] == len(train) == 10
+    assert all(len(r["rationales"][t]) == 1 for r in train for t in TEACHERS)
+    assert test and info["records_without_both_rationales"] > 0
+
+
+def test_student_without_torch_is_an_untied_v1_1_checkpoint(tmp_path):
+    """Where torch is missing (TPU VMs) the student comes from our own initialiser."""
+    from benchmarks.run import ARCHS, _make_student_without_torch
+    from tinyllm_jax.model.hf import load_pretrained
+    from tinyllm_jax.train.metrics import param_count
+
+    path, n = _make_student_without_torch(tmp_path / "s", ARCHS["t5-tiny"], 128, seed=0)
+    _, params, _, cfg = load_pretrained(str(path), tokenizer=False)
+    assert not cfg.tie_word_embeddings and not cfg.scale_decoder_outputs and cfg.is_gated
+    assert param_count(params) == n
