@@ -151,24 +151,33 @@ class Attention(nn.Module):
         self.o = _param(self, "o", (H * K) ** -0.5, (H, K, D), ("heads", "kv", "embed"))
         self.dropout = nn.Dropout(c.dropout_rate)
 
+    def _heads(self, x_BxLxD: Array, w_DxHxK: Array) -> Array:
+        """x @ w as one 2-D matmul (XLA CPU transposes less than with 3-D dots), split
+        into heads [B, H, L, K]: heads before length, the layout the attention and the
+        decode cache use, so no per-step transposes."""
+        B, L, D = x_BxLxD.shape
+        _, H, K = w_DxHxK.shape
+        y = x_BxLxD.reshape(B * L, D) @ w_DxHxK.reshape(D, H * K).astype(self.cfg.compute_dtype)
+        return y.reshape(B, L, H, K).transpose(0, 2, 1, 3)
+
     def project_kv(self, x_BxLxD: Array) -> tuple[Array, Array]:
-        dt = self.cfg.compute_dtype
-        k = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.k.astype(dt))
-        v = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.v.astype(dt))
-        return k, v
+        return self._heads(x_BxLxD, self.k), self._heads(x_BxLxD, self.v)
 
     def __call__(self, x_BxQxD: Array, kv: tuple[Array, Array], mask_BxQxK: Array, bias: Optional[Array]) -> Array:
         dt = self.cfg.compute_dtype
-        q_BxQxHxK = jnp.einsum("bqd,dhk->bqhk", x_BxQxD, self.q.astype(dt))
-        k_BxKxHxK, v_BxKxHxK = kv
-        scores = jnp.einsum("bqhk,bshk->bhqs", q_BxQxHxK, k_BxKxHxK).astype(jnp.float32)
+        B, Q, D = x_BxQxD.shape
+        q_BxHxQxK = self._heads(x_BxQxD, self.q)
+        k_BxHxSxK, v_BxHxSxK = kv
+        scores = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxQxK, k_BxHxSxK).astype(jnp.float32)
         if bias is not None:
             scores = scores + bias
         scores = jnp.where(mask_BxQxK[:, None], scores, NEG_INF)
         weights = jax.nn.softmax(scores, axis=-1).astype(dt)
         weights = self.dropout(weights, deterministic=self.deterministic)
-        out_BxQxHxK = jnp.einsum("bhqs,bshk->bqhk", weights, v_BxKxHxK)
-        return jnp.einsum("bqhk,hkd->bqd", out_BxQxHxK, self.o.astype(dt))
+        out_BxHxQxK = jnp.einsum("bhqs,bhsk->bhqk", weights, v_BxHxSxK)
+        H, K = out_BxHxQxK.shape[1], out_BxHxQxK.shape[3]
+        out = out_BxHxQxK.transpose(0, 2, 1, 3).reshape(B * Q, H * K) @ self.o.reshape(H * K, D).astype(dt)
+        return out.reshape(B, Q, D)
 
 
 class MLP(nn.Module):
@@ -181,16 +190,18 @@ class MLP(nn.Module):
         dt = c.compute_dtype
         D, F = c.d_model, c.d_ff
         act = ACTIVATIONS[c.activation]
+        B, L, _ = x_BxLxD.shape
+        x_NxD = x_BxLxD.reshape(B * L, D)  # 2-D matmuls: far fewer transposing copies on CPU
         if c.is_gated:
             wi_0 = _param(self, "wi_0", D**-0.5, (D, F), ("embed", "mlp"))
             wi_1 = _param(self, "wi_1", D**-0.5, (D, F), ("embed", "mlp"))
-            h_BxLxF = act(x_BxLxD @ wi_0.astype(dt)) * (x_BxLxD @ wi_1.astype(dt))
+            h_NxF = act(x_NxD @ wi_0.astype(dt)) * (x_NxD @ wi_1.astype(dt))
         else:
             wi = _param(self, "wi", D**-0.5, (D, F), ("embed", "mlp"))
-            h_BxLxF = act(x_BxLxD @ wi.astype(dt))
-        h_BxLxF = nn.Dropout(c.dropout_rate)(h_BxLxF, deterministic=self.deterministic)
+            h_NxF = act(x_NxD @ wi.astype(dt))
+        h_NxF = nn.Dropout(c.dropout_rate)(h_NxF, deterministic=self.deterministic)
         wo = _param(self, "wo", F**-0.5, (F, D), ("mlp", "embed"))
-        return h_BxLxF @ wo.astype(dt)
+        return (h_NxF @ wo.astype(dt)).reshape(B, L, D)
 
 
 class EncoderBlock(nn.Module):
@@ -225,13 +236,13 @@ class DecoderBlock(nn.Module):
         return self.cross_attention.project_kv(encoded)
 
     def __call__(self, x, self_mask, bias, cross_kv, cross_mask, cache=None, index=None):
-        """With `cache` ((k, v) of [B, max_len, H, K]) x is one step and `index` its position;
+        """With `cache` ((k, v) of [B, H, max_len, K]) x is one step and `index` its position;
         returns (x, new_cache)."""
         det = self.deterministic
         h = self.pre_self_attention_norm(x)
         kv = self.self_attention.project_kv(h)
         if cache is not None:
-            kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=1) for c, n in zip(cache, kv))
+            kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=2) for c, n in zip(cache, kv))
             cache = kv
         x = x + self.drop(self.self_attention(h, kv, self_mask, bias), deterministic=det)
         h = self.pre_cross_attention_norm(x)
@@ -334,12 +345,12 @@ class T5(nn.Module):
 
     def init_cache(self, batch: int, max_len: int) -> list[tuple[Array, Array]]:
         c = self.cfg
-        shape = (batch, max_len, c.num_heads, c.d_kv)
+        shape = (batch, c.num_heads, max_len, c.d_kv)
         return [(jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype)) for _ in range(c.decoder_layers)]
 
     def decode_step(self, token_B: Array, index: Array, cache, cross_kv, encoder_mask_BxL: Array):
         """One decoder step at position `index` (scalar): returns (logits [B, V], new cache)."""
-        max_len = cache[0][0].shape[1]
+        max_len = cache[0][0].shape[2]
         k_valid = (jnp.arange(max_len) <= index)[None, None, :]
         self_mask = jnp.broadcast_to(k_valid, (token_B.shape[0], 1, max_len))
         cross_mask = encoder_mask_BxL[:, None, :]
