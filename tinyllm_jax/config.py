@@ -146,6 +146,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    # PRNG behind dropout: "threefry2x32" (JAX's default) or "rbg"/"unsafe_rbg", much faster
+    # to draw on CPU and TPU; every choice is deterministic from seed and step.
+    prng_impl: Literal["threefry2x32", "rbg", "unsafe_rbg"] = "rbg"
 
 
 @dataclass

@@ -57,14 +57,14 @@ def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_
 
 def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     weights: np.ndarray, accum_steps: int, seed: int, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0) -> Callable:
+                    z_loss: float = 0.0, prng_impl: str = "threefry2x32") -> Callable:
     """state, batch -> state, metrics. With `accum_steps` > 1 every batch array has a
     leading microbatch axis; the loss is normalised over the whole accumulated batch."""
     weights = jnp.asarray(weights, jnp.float32)
     num_streams = weights.shape[0]
     loss_fn = make_loss_fn(t5cfg, weights, label_smoothing, z_loss)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    base_key = jax.random.key(seed)
+    base_key = jax.random.key(seed, impl=prng_impl)
 
     def step_fn(state, batch):
         params, step = state["params"], state["step"]
@@ -133,7 +133,7 @@ class Trainer:
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         self.state = jax.device_put(state, self.state_shardings)
         step = make_train_step(t5cfg, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
-                               cfg.optim.label_smoothing, cfg.optim.z_loss)
+                               cfg.optim.label_smoothing, cfg.optim.z_loss, cfg.train.prng_impl)
         lead = 1 if cfg.optim.grad_accum_steps > 1 else 0
         bs = sharding.put_batch_shardings(mesh, lead)
         self.step_fn = jax.jit(step, in_shardings=(self.state_shardings, bs),
