@@ -120,3 +120,21 @@ def test_remat_and_bf16_compute(tiny_t5_dir):
     assert logits16.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     logits32 = model.apply({"params": params}, enc, dec)
     assert float(jnp.abs(logits16 - logits32).max()) < 0.1 * float(jnp.abs(logits32).max())
+
+
+def test_dropout_mask_rate_scaling_and_determinism():
+    from tinyllm_jax.model.t5 import Dropout
+
+    x = jnp.ones((64, 128, 96))
+    drop = Dropout(0.1)
+    a = drop.apply({}, x, False, rngs={"dropout": jax.random.key(1)})
+    b = drop.apply({}, x, False, rngs={"dropout": jax.random.key(1)})
+    c = drop.apply({}, x, False, rngs={"dropout": jax.random.key(2)})
+    kept = np.asarray(a) > 0
+    assert abs(1 - kept.mean() - 0.1) < 0.002
+    np.testing.assert_allclose(np.asarray(a)[kept], 1 / 0.9, rtol=1e-6)
+    np.testing.assert_array_equal(a, b)
+    assert (np.asarray(c) > 0).mean() != kept.mean() or not np.array_equal(a, c)
+    assert abs(((np.asarray(c) > 0) == kept).mean() - (0.9**2 + 0.1**2)) < 0.003  # independent masks
+    assert abs(kept[:, :, ::2].mean() - kept[:, :, 1::2].mean()) < 0.005  # no parity pattern
+    np.testing.assert_array_equal(drop.apply({}, x, True), x)
