@@ -7,6 +7,7 @@ kill during a save leaves the previous checkpoint as the latest good one."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ class Checkpointer:
         if cfg.keep_best:
             policies.append(pp.BestN(get_metric_fn=lambda m: m[metric], reverse=cfg.best_mode == "min", n=1,
                                      keep_checkpoints_without_metrics=False))
+        if read_only:  # orbax warns at length that a read-only manager will not save
+            logging.getLogger("absl").setLevel(logging.ERROR)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
             best_fn=(lambda m: m[metric]) if cfg.keep_best else None,
@@ -33,7 +36,9 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(), options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
@@ -57,11 +62,11 @@ class Checkpointer:
         import jax
         import numpy as np
 
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         meta = self.manager.item_metadata(step)["state"]
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=meta, restore_args=as_numpy)))
-        return out["state"]["params"]
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return jax.tree.map(np.asarray, out["state"]["params"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
