@@ -246,7 +246,7 @@ def test_step_by_step_cqa_recipe_trains_on_real_data(tmp_path, dss_data, tiny_st
     config = ROOT / "configs" / "step_by_step_cqa.yaml"
     metrics = _train(config, tmp_path / "run", tiny_student, files)
     _check_stream_losses(metrics, config)
-    assert not [m for m in metrics if "eval_n" in m]  # no validation split
+    assert [m["eval_n"] for m in metrics if "eval_n" in m] == [4]  # held out from train, capped
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["test"]["test_n"] == 8
 

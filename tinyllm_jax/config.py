@@ -82,6 +82,9 @@ class DataConfig:
     cache_dir: Optional[str] = None  # tokenized examples are cached here (.npz) when set
     lenient: bool = False
     shuffle_seed: int = 0
+    # with no data.validation: hold out this fraction of train (by a stable hash of the
+    # record id) as the validation split that selects checkpoints, e.g. 0.1 as step-by-step did
+    validation_from_train: float = 0.0
 
 
 @dataclass

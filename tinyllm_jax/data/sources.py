@@ -9,6 +9,8 @@ across everything one call loads, because predictions are matched back to record
 
 from __future__ import annotations
 
+import hashlib
+
 import glob
 import logging
 from pathlib import Path
@@ -65,9 +67,37 @@ def load_records(
     return records, skipped
 
 
+def has_split(cfg: DataConfig, split: str) -> bool:
+    return bool(getattr(cfg, split)) or (split == "validation" and _held_out(cfg))
+
+
+def _held_out(cfg: DataConfig) -> bool:
+    return not cfg.validation and cfg.validation_from_train > 0.0
+
+
+def _in_validation(record_id: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 def load_split(cfg: DataConfig, split: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The records of `split` ("train", "validation" or "test") as `cfg` describes them:
-    for files, `data.<split>` lists paths; for hf/tfds, it lists split names of `hf_name`."""
+    for files, `data.<split>` lists paths; for hf/tfds, it lists split names of `hf_name`.
+    With `data.validation_from_train` (and no data.validation), validation is a stable
+    hashed fraction of train and train is the rest."""
+    if split in ("train", "validation") and _held_out(cfg):
+        if not 0.0 < cfg.validation_from_train < 1.0:
+            raise ConfigError(f"data.validation_from_train: expected a fraction in (0, 1), found {cfg.validation_from_train}")
+        records, skipped = _load_listed(cfg, "train")
+        want = split == "validation"
+        part = [r for r in records if _in_validation(r["id"], cfg.validation_from_train, cfg.shuffle_seed) == want]
+        if not part:
+            raise ConfigError(f"data.validation_from_train={cfg.validation_from_train}: the {split} part is empty")
+        return part, skipped
+    return _load_listed(cfg, split)
+
+
+def _load_listed(cfg: DataConfig, split: str) -> tuple[list[dict[str, Any]], list[str]]:
     entries = getattr(cfg, split, None)
     if entries is None:
         raise ConfigError(f"data.{split}: unknown split (expected train, validation or test)")

@@ -311,14 +311,16 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def _make_evaluator(cfg: Config, t5cfg: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
     """params, step, split -> metrics dict (logged), or None when there is nothing to evaluate."""
-    if not cfg.data.validation and not cfg.data.test:
-        return None
+    from tinyllm_jax.data.sources import has_split
     from tinyllm_jax.eval.evaluate import Evaluation
+
+    if not has_split(cfg.data, "validation") and not has_split(cfg.data, "test"):
+        return None
 
     evaluation = Evaluation(cfg, t5cfg, tokenizer, mesh)
 
     def run(params, step: int, split: str) -> dict[str, float] | None:
-        if not getattr(cfg.data, split):
+        if not has_split(cfg.data, split):
             return None
         summary = evaluation.run(params, split, run_dir, step)
         prefix = "eval" if split == "validation" else "test"
