@@ -108,7 +108,12 @@ def generate_ids(cfg: T5Config, params: Any, token_lists: Sequence[Sequence[int]
         for r, i in enumerate(idx):
             arr[r, :len(token_lists[i])] = token_lists[i]
         tokens = shard_batch(arr) if shard_batch is not None else arr
-        out = np.asarray(jax.device_get(generate(cfg, params, tokens, max_new_tokens, **sampling)))
+        out = generate(cfg, params, tokens, max_new_tokens, **sampling)
+        if not out.is_fully_addressable:  # multi-host: every process gets every row
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
+        out = np.asarray(jax.device_get(out))
         for r, i in enumerate(idx):
             results[i] = strip_after_eos(out[r].tolist(), cfg.eos_token_id)
     return results
