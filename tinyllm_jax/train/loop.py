@@ -188,6 +188,29 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _warn_on_changed_config(cfg: Config, run_dir: Path) -> None:
+    """Resuming a run with other settings is allowed (more steps, say) but never silent."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not (run_dir / "checkpoints").is_dir():
+        return
+    import yaml
+
+    from tinyllm_jax.config import to_dict
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    old, new = dict(flat(yaml.safe_load(saved.read_text()) or {})), dict(flat(to_dict(cfg)))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        log.warning("resuming %s with changed settings: %s", run_dir,
+                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8]))
+
+
 def _host_metrics(m: dict[str, Any], stream_names: list[str]) -> dict[str, Any]:
     m = jax.device_get(m)
     out = {"step": None, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
@@ -209,6 +232,7 @@ def train(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = prepare_demo_data(cfg, run_dir)
+    _warn_on_changed_config(cfg, run_dir)
     save_config(cfg, run_dir / "config.yaml")
     t5cfg, tokenizer, imported = build_student(cfg, run_dir)
     mesh = sharding.make_mesh(cfg.mesh)
