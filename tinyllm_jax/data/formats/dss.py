@@ -40,11 +40,7 @@ def parse_palm(text: str) -> tuple[str, list[str], str | None]:
 
 
 def convert(root: Path) -> list[tuple[SplitReport, list[dict[str, Any]]]]:
-    return [
-        convert_split(root, folder, split)
-        for folder in positional.dataset_folders(root, "distilling step-by-step")
-        for split in positional.split_names(folder)
-    ]
+    return positional.convert_all(root, "distilling step-by-step", convert_split)
 
 
 def convert_split(root: Path, folder: Path, split: str) -> tuple[SplitReport, list[dict[str, Any]]]:

@@ -26,6 +26,12 @@ def dataset_folders(root: Path, layout: str) -> list[Path]:
     return folders
 
 
+def convert_all(root: Path, layout: str, convert_split) -> list[tuple[SplitReport, list[dict[str, Any]]]]:
+    """`convert_split(root, folder, split)` over every dataset folder and split of `root`."""
+    return [convert_split(root, folder, split)
+            for folder in dataset_folders(root, layout) for split in split_names(folder)]
+
+
 def split_names(folder: Path) -> list[str]:
     """Splits named by gold files or by teacher shards, train first and test last."""
     gold = re.compile(rf"{re.escape(folder.name)}_(.+)\.json")

@@ -68,11 +68,7 @@ def clean_rationale(text: str) -> str:
 
 
 def convert(root: Path) -> list[tuple[SplitReport, list[dict[str, Any]]]]:
-    return [
-        convert_split(root, folder, split)
-        for folder in positional.dataset_folders(root, "TinyLLM")
-        for split in positional.split_names(folder)
-    ]
+    return positional.convert_all(root, "TinyLLM", convert_split)
 
 
 def convert_split(root: Path, folder: Path, split: str) -> tuple[SplitReport, list[dict[str, Any]]]:
