@@ -49,8 +49,8 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The step with the best validation metric, else the latest."""
-        steps_with_metrics = [c for c in self.manager._checkpoints if c.metrics]  # noqa: SLF001
-        return self.manager.best_step() if steps_with_metrics else self.manager.latest_step()
+        best = self.manager.best_step() if self.cfg.keep_best else None  # None: no metrics saved
+        return best if best is not None else self.manager.latest_step()
 
     def restore(self, step: int, abstract_state: Any | None = None) -> tuple[Any, dict[str, Any]]:
         state_args = ocp.args.StandardRestore(abstract_state) if abstract_state is not None else ocp.args.StandardRestore()
