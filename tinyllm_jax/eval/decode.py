@@ -42,6 +42,7 @@ def _decode_fn(cfg: T5Config, max_new_tokens: int, temperature: float, top_k: in
         encoded = model.apply(variables, tokens_BxL, enc_mask.astype(jnp.int32), method=T5.encode)
         cross = model.apply(variables, encoded, method=T5.cross_kv)
         cache = model.apply(variables, B, max_new_tokens, method=T5.init_cache)
+        bias = model.apply(variables, max_new_tokens, method=T5.decoder_bias)
         out = jnp.zeros((B, max_new_tokens), jnp.int32)
         start = jnp.full((B,), cfg.decoder_start_token_id, jnp.int32)
         done = jnp.zeros((B,), bool)
@@ -52,7 +53,8 @@ def _decode_fn(cfg: T5Config, max_new_tokens: int, temperature: float, top_k: in
 
         def body(state):
             step, token, cache, done, out = state
-            logits, cache = model.apply(variables, token, step, cache, cross, enc_mask, method=T5.decode_step)
+            logits, cache = model.apply(variables, token, step, cache, cross, enc_mask, bias,
+                                        method=T5.decode_step)
             if temperature > 0.0:
                 logits = _filter_logits(logits / temperature, top_k, top_p)
                 nxt = jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1).astype(jnp.int32)

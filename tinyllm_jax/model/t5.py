@@ -299,7 +299,7 @@ def _segments(tokens: Array, segment_ids: Optional[Array]) -> Array:
 
 class T5(nn.Module):
     """T5ForConditionalGeneration. `__call__` gives fp32 logits [B, Ld, V] for (packed)
-    teacher-forced inputs; `encode`, `init_cache`, `cross_kv` and `decode_step` serve
+    teacher-forced inputs; `encode`, `init_cache`, `cross_kv`, `decoder_bias` and `decode_step` serve
     incremental decoding with a KV cache."""
 
     cfg: T5Config
@@ -382,13 +382,16 @@ class T5(nn.Module):
         shape = (batch, c.num_heads, max_len, c.d_kv)
         return [(jnp.zeros(shape, c.compute_dtype), jnp.zeros(shape, c.compute_dtype)) for _ in range(c.decoder_layers)]
 
-    def decode_step(self, token_B: Array, index: Array, cache, cross_kv, encoder_mask_BxL: Array):
+    def decoder_bias(self, max_len: int) -> Array:
+        """[1, H, max_len, max_len] decoder position bias: computed once per decode, sliced per step."""
+        return self.decoder_relpos(max_len, max_len)
+
+    def decode_step(self, token_B: Array, index: Array, cache, cross_kv, encoder_mask_BxL: Array, bias_full: Array):
         """One decoder step at position `index` (scalar): returns (logits [B, V], new cache)."""
         max_len = cache[0][0].shape[2]
         k_valid = (jnp.arange(max_len) <= index)[None, None, :]
         self_mask = jnp.broadcast_to(k_valid, (token_B.shape[0], 1, max_len))
         cross_mask = encoder_mask_BxL[:, None, :]
-        bias_full = self.decoder_relpos(max_len, max_len)
         bias = jax.lax.dynamic_slice_in_dim(bias_full, index, 1, axis=2)
         x = self.drop(self._embed(token_B[:, None]), deterministic=self.deterministic)
         new_cache = []

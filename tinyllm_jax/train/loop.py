@@ -8,6 +8,7 @@ their configs (streams, weights) and in the data stages that run before it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -325,7 +326,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 params = restored["params"]
             result["test"] = evaluator(params, best or total, "test")
             result["test_checkpoint_step"] = best or total
-        (run_dir / "summary.json").write_text(__import__("json").dumps(result, indent=2))
+        (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
         return result
     finally:
         bar.close()

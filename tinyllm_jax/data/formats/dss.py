@@ -45,12 +45,8 @@ def convert(root: Path) -> list[tuple[SplitReport, list[dict[str, Any]]]]:
 
 def convert_split(root: Path, folder: Path, split: str) -> tuple[SplitReport, list[dict[str, Any]]]:
     d = folder.name
-    gold_path = folder / f"{d}_{split}.json"
-    rep = SplitReport(d, split, gold_file=str(gold_path.relative_to(root)))
+    rep, gold, strings, counts = positional.open_split(root, folder, split)
     palm = rep.teacher(PALM)
-    gold = positional.read_gold(gold_path, rep)
-    strings, label = positional.read_strings(folder, split, rep)
-    counts = positional.align_by_position(rep, label, gold, strings)
     palm.read = len(strings)
     if not gold:
         return rep, []

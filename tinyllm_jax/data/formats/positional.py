@@ -32,6 +32,16 @@ def convert_all(root: Path, layout: str, convert_split) -> list[tuple[SplitRepor
             for folder in dataset_folders(root, layout) for split in split_names(folder)]
 
 
+def open_split(root: Path, folder: Path, split: str) -> tuple[SplitReport, list[Row], list[Row], dict[str, Any]]:
+    """A split's report, gold rows, teacher strings and their positional alignment counts."""
+    d = folder.name
+    gold_path = folder / f"{d}_{split}.json"
+    rep = SplitReport(d, split, gold_file=str(gold_path.relative_to(root)))
+    gold = read_gold(gold_path, rep)
+    strings, label = read_strings(folder, split, rep)
+    return rep, gold, strings, align_by_position(rep, label, gold, strings)
+
+
 def split_names(folder: Path) -> list[str]:
     """Splits named by gold files or by teacher shards, train first and test last."""
     gold = re.compile(rf"{re.escape(folder.name)}_(.+)\.json")

@@ -73,11 +73,7 @@ def convert(root: Path) -> list[tuple[SplitReport, list[dict[str, Any]]]]:
 
 def convert_split(root: Path, folder: Path, split: str) -> tuple[SplitReport, list[dict[str, Any]]]:
     d = folder.name
-    gold_path = folder / f"{d}_{split}.json"
-    rep = SplitReport(d, split, gold_file=str(gold_path.relative_to(root)))
-    gold = positional.read_gold(gold_path, rep)
-    strings, label = positional.read_strings(folder, split, rep)
-    counts = positional.align_by_position(rep, label, gold, strings)
+    rep, gold, strings, counts = positional.open_split(root, folder, split)
     rep.teacher(FLAN).read = rep.teacher(LLAMA).read = len(strings)
     if not gold:
         return rep, []
