@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.reference_torch import ReferenceTrainer, RefStream, time_steps, tokenize_records
 from tinyllm_jax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, StreamConfig, TrainConfig
-from tinyllm_jax.data.packing import PackedIterator, pack_rows, suggest_lengths
+from tinyllm_jax.data.packing import PackedIterator, long_factor, pack_rows, rows_to_batch, suggest_lengths
 from tinyllm_jax.data.streams import Examples, build_examples, stream_weights
 
 REFERENCE_MAX_INPUT = 100  # TinyLLM's command-line default, the length its code actually pads to
@@ -41,13 +41,15 @@ class OurRun:
 def rows_for_records(examples: Examples, records_per_step: int, encoder_length: int, decoder_length: int,
                      multiple: int = 1) -> tuple[int, float]:
     """(packed rows a step, examples a row): the rows that hold, on average, the examples of
-    `records_per_step` records (measured by packing one epoch), rounded up to `multiple`."""
-    rows = pack_rows(examples.enc_lengths, examples.dec_lengths, np.random.default_rng(0).permutation(len(examples)),
+    `records_per_step` records (measured by packing one epoch of the examples that fit a
+    row), rounded to the nearest multiple of `multiple`."""
+    fits = np.flatnonzero((examples.enc_lengths <= encoder_length) & (examples.dec_lengths <= decoder_length))
+    rows = pack_rows(examples.enc_lengths, examples.dec_lengths, np.random.default_rng(0).permutation(fits),
                      encoder_length, decoder_length)
-    per_row = len(examples) / len(rows)
+    per_row = len(fits) / len(rows)
     per_record = len(examples) / max(1, len(set(examples.record_index.tolist())))
-    n = max(1, round(records_per_step * per_record / per_row))
-    return -(-n // multiple) * multiple, per_row
+    n = records_per_step * per_record / per_row
+    return max(multiple, round(n / multiple) * multiple), per_row
 
 
 def make_our_run(model_dir: str, examples: Examples, streams: Sequence[StreamConfig], rows: int,
@@ -90,6 +92,12 @@ def time_our_steps(run: OurRun, warmup: int, steps: int) -> tuple[list[float], l
 
     for _ in range(warmup):
         jax.block_until_ready(dispatch()[0])
+    if warmup and run.data.long_factor > 1:  # compile the long-batch shape too, untimed
+        f, (_, long_batches) = run.data.long_factor, run.data.epoch_plan(0)
+        batch = rows_to_batch(run.data.examples, long_batches[0], run.rows // f, run.encoder_length * f,
+                              run.decoder_length * f)
+        run.trainer.state, metrics = run.trainer.step_fn(run.trainer.state, run.trainer.put(batch))
+        jax.block_until_ready(metrics)
     jax.block_until_ready(run.trainer.state)
     times, counts = [], []
     last = time.perf_counter()
@@ -135,9 +143,12 @@ def train_benchmark(model_dir: str, tokenizer, records: Sequence[dict[str, Any]]
                     records_per_step: int, micro_batch: int, encoder_length: int | None = None,
                     decoder_length: int | None = None, max_input_length: int = REFERENCE_MAX_INPUT,
                     dtype: str = "float32", remat: str = "none", rounds: int = 3, steps_per_round: int = 2,
-                    warmup: int = 1, reference: bool = True, reference_device: str = "cpu") -> dict[str, Any]:
+                    warmup: int = 1, reference: bool = True, reference_device: str = "cpu",
+                    long_batches: bool = False) -> dict[str, Any]:
     """Ours against the reference on the same records (each with every stream's rationale),
-    weights and records a step. Returns both sides' figures and the ratio of real tokens/s."""
+    weights and records a step. Returns both sides' figures and the ratio of real tokens/s.
+    With `long_batches` our rows are sized for the data's ratio, not for its longest target
+    (PackedIterator's long batches take the few longer examples)."""
     import jax
 
     from tinyllm_jax.train.metrics import param_count, peak_flops_per_device, train_flops_per_step
@@ -146,8 +157,9 @@ def train_benchmark(model_dir: str, tokenizer, records: Sequence[dict[str, Any]]
         raise ValueError(f"records_per_step={records_per_step} is not a multiple of micro_batch={micro_batch}")
     examples = build_examples(records, streams, tokenizer, max_input_length, 256, lenient=True)
     if encoder_length is None or decoder_length is None:
-        encoder_length, decoder_length = suggest_lengths(examples, encoder_length)
-    rows, per_row = rows_for_records(examples, records_per_step, encoder_length, decoder_length, jax.device_count())
+        encoder_length, decoder_length = suggest_lengths(examples, encoder_length, cover_longest=not long_batches)
+    multiple = jax.device_count() * long_factor(examples, encoder_length, decoder_length)  # long batches: rows / f
+    rows, per_row = rows_for_records(examples, records_per_step, encoder_length, decoder_length, multiple)
     ours = make_our_run(model_dir, examples, streams, rows, encoder_length, decoder_length, dtype=dtype, remat=remat)
     peak = peak_flops_per_device()
     peak_total = peak * jax.device_count() if peak else None
@@ -172,6 +184,7 @@ def train_benchmark(model_dir: str, tokenizer, records: Sequence[dict[str, Any]]
         "max_input_length": max_input_length, "timed_steps": len(ours_t),
         "ours": {**summarise(ours_t, ours_c, flops, peak_total), "rows": rows, "encoder_length": encoder_length,
                  "decoder_length": decoder_length, "examples_per_row_epoch": round(per_row, 2),
+                 "long_batch_examples": ours.data.long_examples, "long_batch_factor": ours.data.long_factor,
                  "params": param_count(ours.trainer.state["params"])},
     }
     if ref is not None:

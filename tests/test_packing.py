@@ -178,11 +178,82 @@ def test_suggest_lengths_makes_room_for_the_longest_target():
 
 def test_lengths_that_cannot_hold_an_example_or_fill_are_reported(caplog):
     ex = synthetic(100)
+    with pytest.raises(UserError, match=r"longest: \d+ encoder, \d+ decoder tokens.*not divisible by 4"):
+        PackedIterator(ex, 6, 32, 96, process_index=0, process_count=2)  # long batches of 6/2 rows, 2 hosts
     with pytest.raises(UserError, match=r"longest example has \d+ encoder and \d+ decoder tokens"):
-        PackedIterator(ex, 4, 32, 96, process_index=0, process_count=1)
+        check_lengths(ex, 32, 96)
     with caplog.at_level(logging.WARNING, logger="tinyllm_jax.data.packing"):
         check_lengths(ex, 128, 512)
     assert "would fill at most" in caplog.text and "decoder" in caplog.text
+
+
+def with_long_examples(n: int = 300, n_long: int = 7, seed: int = 0) -> Examples:
+    """synthetic() plus `n_long` rationale examples with 150-190 token targets (rows of
+    (128, 96) cannot hold them; rows twice as long can)."""
+    base = synthetic(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    dec_len = np.concatenate([base.dec_lengths, rng.integers(150, 190, n_long)])
+    enc_len = np.concatenate([base.enc_lengths, rng.integers(8, 60, n_long)])
+    enc = np.concatenate([base.enc_tokens, *(np.append(rng.integers(2, 1000, k - 1), 1) for k in enc_len[n:])])
+    dec = np.concatenate([base.dec_tokens, *(np.append(rng.integers(2, 1000, k - 1), 1) for k in dec_len[n:])])
+    return Examples(enc.astype(np.int32), np.concatenate([[0], np.cumsum(enc_len)]), dec.astype(np.int32),
+                    np.concatenate([[0], np.cumsum(dec_len)]), np.append(base.stream_ids, [2] * n_long).astype(np.int32),
+                    np.arange(n + n_long, dtype=np.int32), base.stream_names, [f"r{i}" for i in range(n + n_long)])
+
+
+def test_examples_longer_than_rows_train_in_long_batches():
+    ex = with_long_examples()
+    it = PackedIterator(ex, 4, 128, 96, seed=3, num_epochs=2, process_index=0, process_count=1)
+    assert it.long_factor == 2 and it.long_examples == 7
+    batches = list(it)
+    shapes = Counter((b["encoder_input_tokens"].shape, b["decoder_target_tokens"].shape) for b in batches)
+    assert set(shapes) == {((4, 128), (4, 96)), ((2, 256), (2, 192))}
+    # each epoch: every example exactly once, the long ones in long batches
+    assert Counter(s for b in batches for s in segments(b)) == Counter({k: 2 * v for k, v in example_set(ex).items()})
+    long_segments = [s for b in batches if b["encoder_input_tokens"].shape[1] == 256 for s in segments(b)]
+    assert sum(len(s[1]) > 96 for s in long_segments) == 14
+    assert len(long_segments) > 14  # long rows are topped up with ordinary examples
+    # long batches come spread through the epoch, not all at its start or end
+    where = [i for i, b in enumerate(batches) if b["encoder_input_tokens"].shape[1] == 256]
+    assert 0 < where[0] and where[-1] < len(batches) - 1
+    for b in batches[:-1]:
+        assert (b["encoder_segment_ids"].max(1) > 0).all()
+
+
+@pytest.mark.parametrize("stop_after", [3, 17, 40])
+def test_restore_continues_exactly_with_long_batches(stop_after):
+    ex = with_long_examples(200, 9)
+    make = lambda: PackedIterator(ex, 4, 128, 96, seed=7, num_epochs=3, process_index=0, process_count=1)
+    whole = list(make())
+    assert any(b["encoder_input_tokens"].shape[1] == 256 for b in whole[:stop_after])
+    first = make()
+    for _ in range(stop_after):
+        next(first)
+    resumed = make()
+    resumed.restore(json.loads(json.dumps(first.state())))
+    rest = list(resumed)
+    assert len(whole) == stop_after + len(rest)
+    for x, y in zip(whole[stop_after:], rest):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_host_shares_of_long_batches_cover_the_global_batch():
+    ex = with_long_examples()
+    whole = epoch(ex, batch_size=8, seed=2)
+    shares = [epoch(ex, batch_size=8, seed=2, process_index=p, process_count=2) for p in range(2)]
+    for step, global_batch in enumerate(whole):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(np.concatenate([s[step][k] for s in shares]), global_batch[k])
+    assert any(b["encoder_input_tokens"].shape == (4, 256) for b in whole)
+
+
+def test_only_long_examples_still_make_batches():
+    ex = with_long_examples(10, 10)
+    ex = ex.subset(np.flatnonzero(ex.dec_lengths > 96))
+    batches = epoch(ex)
+    assert batches and all(b["encoder_input_tokens"].shape == (2, 256) for b in batches)
+    assert Counter(s for b in batches for s in segments(b)) == example_set(ex)
 
 
 def test_padded_batches_one_example_a_row_in_order():

@@ -138,3 +138,21 @@ def test_dropout_mask_rate_scaling_and_determinism():
     assert abs(((np.asarray(c) > 0) == kept).mean() - (0.9**2 + 0.1**2)) < 0.003  # independent masks
     assert abs(kept[:, :, ::2].mean() - kept[:, :, 1::2].mean()) < 0.005  # no parity pattern
     np.testing.assert_array_equal(drop.apply({}, x, True), x)
+
+
+def test_hand_written_backward_passes_equal_autodiff():
+    """`dense` and `add_position_bias` have custom VJPs (for XLA CPU's speed): their
+    gradients must be autodiff's."""
+    import jax
+    import jax.numpy as jnp
+
+    from tinyllm_jax.model.t5 import add_position_bias, dense
+
+    k = jax.random.split(jax.random.key(0), 4)
+    x, w = jax.random.normal(k[0], (24, 16)), jax.random.normal(k[1], (16, 40))
+    s, b = jax.random.normal(k[2], (3, 4, 8, 8)), jax.random.normal(k[3], (1, 4, 8, 8))
+    for ours, plain, args in ((dense, lambda x, w: x @ w, (x, w)),
+                              (add_position_bias, lambda s, b: s + b, (s, b))):
+        f = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1))(*args)  # noqa: E731
+        for got, want in zip(f(ours), f(plain)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -201,3 +201,17 @@ def test_eval_command_matches_in_training_eval_and_export_loads(tmp_path, tok_di
     assert main(["export", str(run_dir), str(out)]) == 0
     _, info = T5ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_examples_longer_than_rows_train_in_long_batches(tmp_path, tok_dir):
+    """Rows shorter than the longest example: those examples train in long batches (half the
+    rows, twice as long), the run compiles both shapes and logs every step."""
+    run_dir = tmp_path / "long"
+    cfg = write_config(tmp_path / "c.yaml", run_dir, tok_dir, train={"steps": 30},
+                       data={"decoder_length": 32}, checkpoint={"every_steps": 100})
+    out = finish(run_train(cfg))
+    # 41 of the 480 examples; 11 long batches an epoch, the first at step 5 (of ~45)
+    assert "examples are longer than rows of (128, 32); they train in long batches of 4 rows of (256, 64)" in out
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 31)) and all(np.isfinite(r["loss"]) for r in train)

@@ -65,25 +65,31 @@ def length_report(examples: Examples, encoder_length: int, decoder_length: int) 
                         dec / (rows * decoder_length))
 
 
-def suggest_decoder_length(examples: Examples, encoder_length: int, multiple: int = 8) -> int:
+def suggest_decoder_length(examples: Examples, encoder_length: int, multiple: int = 8,
+                           cover_longest: bool = True) -> int:
     """The decoder row length matching the data's decoder/encoder token ratio, so that both
-    sides can fill; the nearest multiple of `multiple`, never shorter than the longest target."""
+    sides can fill; the nearest multiple of `multiple`, with `cover_longest` never shorter
+    than the longest target (else longer examples train in long batches)."""
     r = length_report(examples, encoder_length, encoder_length)
     matched = max(multiple, round(r.ratio * encoder_length / multiple) * multiple)
-    return max(matched, -(-r.longest_dec // multiple) * multiple)
+    return max(matched, -(-r.longest_dec // multiple) * multiple) if cover_longest else matched
 
 
 def suggest_lengths(examples: Examples, encoder_length: int | None = None,
-                    examples_per_row: int = 8, multiple: int = 8) -> tuple[int, int]:
+                    examples_per_row: int = 8, multiple: int = 8, cover_longest: bool = True) -> tuple[int, int]:
     """(encoder_length, decoder_length) under which both sides of packed rows can fill.
 
     The encoder length is the one given, or the smallest power of two holding
     `examples_per_row` average inputs (rows of few examples pack coarsely); it is doubled
     while the ratio-matched decoder length could not hold the longest target. Longer rows
-    pack better but cost attention compute that grows with the square of the row length."""
+    pack better but cost attention compute that grows with the square of the row length.
+    Without `cover_longest` rows are only matched to the data's ratio, and the examples that
+    do not fit train in long batches (PackedIterator)."""
     enc = examples.enc_lengths
     if encoder_length is None:
         encoder_length = 1 << max(6, math.ceil(math.log2(examples_per_row * float(enc.mean()))))
+    if not cover_longest:
+        return encoder_length, suggest_decoder_length(examples, encoder_length, multiple, cover_longest=False)
     encoder_length = max(encoder_length, int(enc.max()))
     r = length_report(examples, encoder_length, encoder_length)
     while r.ratio * encoder_length < r.longest_dec:
@@ -129,7 +135,17 @@ def pack_rows(enc_lengths: np.ndarray, dec_lengths: np.ndarray, order: np.ndarra
     input, short target) and rationale examples (the reverse) end up sharing rows. Returns
     each row's example indices. Deterministic for a given `order`; every example is placed
     exactly once (callers check beforehand that each fits an empty row)."""
-    cap = max_segments or len(order)
+    return fill_rows(enc_lengths, dec_lengths, order, encoder_length, decoder_length, max_segments, pool_size)[0]
+
+
+def fill_rows(enc_lengths: np.ndarray, dec_lengths: np.ndarray, order: np.ndarray,
+              encoder_length: int, decoder_length: int, max_segments: int | None = None,
+              pool_size: int = 1024, *, rows: Sequence[np.ndarray] = (),
+              max_rows: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """`pack_rows`, first topping up the started `rows` (already holding examples), and
+    stopping after `max_rows` rows in all. Returns (rows, the examples of `order` left out,
+    in a deterministic order)."""
+    cap = max_segments or len(order) + max((len(r) for r in rows), default=0)
     enc = np.asarray(enc_lengths, np.int64)
     dec = np.asarray(dec_lengths, np.int64)
     order = np.asarray(order, np.int64)
@@ -137,16 +153,17 @@ def pack_rows(enc_lengths: np.ndarray, dec_lengths: np.ndarray, order: np.ndarra
     ids, refill = order[:size].copy(), size
     pool_e, pool_d = enc[ids], dec[ids]
     scale_e, scale_d = 1.0 / encoder_length, 1.0 / decoder_length
-    rows: list[np.ndarray] = []
-    while size:
-        room_e, room_d = encoder_length, decoder_length
-        row: list[int] = []
-        while len(row) < cap:
+    started = [np.asarray(r, np.int64) for r in rows]
+    out: list[np.ndarray] = []
+    while (size or len(out) < len(started)) and (max_rows is None or len(out) < max_rows):
+        row = started[len(out)].tolist() if len(out) < len(started) else []
+        room_e = encoder_length - int(enc[row].sum())
+        room_d = decoder_length - int(dec[row].sum())
+        new_row = not row
+        while len(row) < cap and size:
             e, d = pool_e[:size], pool_d[:size]
             fits = (e <= room_e) & (d <= room_d)
             if not fits.any():
-                if not row:
-                    raise UserError("packing: an example is longer than a row; see check_lengths")
                 break
             left = np.maximum((room_e - e) * scale_e, (room_d - d) * scale_d)
             j = int(np.argmin(np.where(fits, left, np.inf)))
@@ -160,8 +177,17 @@ def pack_rows(enc_lengths: np.ndarray, dec_lengths: np.ndarray, order: np.ndarra
                 size -= 1
                 ids[j] = ids[size]
             pool_e[j], pool_d[j] = enc[ids[j]], dec[ids[j]]
-        rows.append(np.asarray(row, np.int64))
-    return rows
+        if new_row and not row:
+            raise UserError("packing: an example is longer than a row; see check_lengths")
+        out.append(np.asarray(row, np.int64))
+    return out, np.concatenate([ids[:size], order[refill:]])
+
+
+def long_factor(examples: Examples, encoder_length: int, decoder_length: int) -> int:
+    """The smallest power of two f such that every example fits a row f times longer: the
+    rows of long batches (see PackedIterator)."""
+    need = max(examples.enc_lengths.max() / encoder_length, examples.dec_lengths.max() / decoder_length, 1.0)
+    return 1 << math.ceil(math.log2(need) - 1e-9)
 
 
 def rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_size: int,
@@ -222,7 +248,14 @@ class PackedIterator:
     an epoch. Process p of n gets rows [p * B/n, (p + 1) * B/n) of each global batch, shape
     [B/n, length]; every process packs alike (only example lengths are needed) and fills
     only its own rows. `state()` is JSON-serialisable; `restore(state)` continues with
-    exactly the batches an uninterrupted iterator would have given."""
+    exactly the batches an uninterrupted iterator would have given.
+
+    Long batches. Rows only need to hold the common examples: attention costs grow with the
+    square of the row length, and one outlier target should not set it for every batch. The
+    examples too long for a row (`long_examples`) go, each epoch, into LONG batches of
+    B / f rows f times longer (f = `long_factor`, a power of two; the same tokens a batch),
+    topped up with ordinary examples; they come at even intervals through the epoch. The
+    step compiles once more for that shape."""
 
     def __init__(self, examples: Examples, batch_size: int, encoder_length: int, decoder_length: int,
                  *, seed: int = 0, max_segments_per_row: int | None = None, num_epochs: int | None = None,
@@ -238,7 +271,26 @@ class PackedIterator:
             raise UserError(f"train.batch_size={batch_size} must be divisible by the {process_count} processes")
         if not 0 <= process_index < process_count:
             raise UserError(f"process_index {process_index} is outside 0..{process_count - 1}")
-        check_lengths(examples, encoder_length, decoder_length)
+        self.long_factor = long_factor(examples, encoder_length, decoder_length)
+        self.fits = (examples.enc_lengths <= encoder_length) & (examples.dec_lengths <= decoder_length)
+        f = self.long_factor
+        if f > 1:
+            long_rows = batch_size // f
+            if batch_size % f or long_rows % process_count:
+                r = length_report(examples, encoder_length, decoder_length)
+                raise UserError(
+                    f"packing: {int((~self.fits).sum())} examples (the longest: {r.longest_enc} encoder, "
+                    f"{r.longest_dec} decoder tokens) do not fit rows of data.encoder_length={encoder_length}, "
+                    f"data.decoder_length={decoder_length}; they would train in long batches of "
+                    f"{batch_size}/{f} rows {f}x longer, but train.batch_size={batch_size} is not divisible by "
+                    f"{f * process_count} ({f} x {process_count} processes). Raise the lengths, make the batch "
+                    "size a multiple, or lower data.max_input_length / data.max_target_length")
+            log.info("packing: %d of %d examples are longer than rows of (%d, %d); they train in long "
+                     "batches of %d rows of (%d, %d)", int((~self.fits).sum()), len(examples), encoder_length,
+                     decoder_length, long_rows, encoder_length * f, decoder_length * f)
+        if self.fits.any():  # the fill warning, for the examples ordinary rows take
+            check_lengths(examples.subset(np.flatnonzero(self.fits)) if f > 1 else examples,
+                          encoder_length, decoder_length)
         self.examples = examples
         self.batch_size = batch_size
         self.encoder_length = encoder_length
@@ -250,48 +302,98 @@ class PackedIterator:
         self.process_count = process_count
         self.pool_size = pool_size
         self.epoch = 0
-        self.position = 0  # rows of `epoch` already handed out
-        self._rows: list[np.ndarray] = []
-        self._rows_epoch = -1
+        self.position = 0  # ordinary rows of `epoch` already handed out
+        self.long_taken = 0  # long batches of `epoch` already handed out
+        self._plan: tuple[list[np.ndarray], list[list[np.ndarray]]] = ([], [])
+        self._plan_epoch = -1
 
     @property
     def local_batch_size(self) -> int:
         return self.batch_size // self.process_count
 
-    def epoch_rows(self, epoch: int) -> list[np.ndarray]:
-        """All rows of `epoch` in the order batches take them (the same on every process)."""
-        if self._rows_epoch != epoch:
+    @property
+    def long_examples(self) -> int:
+        return int((~self.fits).sum())
+
+    def epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+        """(the ordinary rows of `epoch` in the order batches take them, its long batches),
+        the same on every process."""
+        if self._plan_epoch != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.examples))
-            rows = pack_rows(self.examples.enc_lengths, self.examples.dec_lengths, order,
-                             self.encoder_length, self.decoder_length, self.max_segments, self.pool_size)
-            self._rows = [rows[j] for j in rng.permutation(len(rows))]
-            self._rows_epoch = epoch
-        return self._rows
+            enc, dec, f = self.examples.enc_lengths, self.examples.dec_lengths, self.long_factor
+            pack = dict(max_segments=self.max_segments, pool_size=self.pool_size)
+            long_batches: list[list[np.ndarray]] = []
+            if f > 1:
+                per = self.batch_size // f
+                Le, Ld = self.encoder_length * f, self.decoder_length * f
+                alone = pack_rows(enc, dec, order[~self.fits[order]], Le, Ld, **pack)
+                n = -(-len(alone) // per) * per
+                started = alone + [np.zeros(0, np.int64)] * (n - len(alone))
+                long_rows, order = fill_rows(enc, dec, order[self.fits[order]], Le, Ld, **pack, rows=started, max_rows=n)
+                long_rows = [long_rows[j] for j in rng.permutation(n)]
+                long_batches = [long_rows[i:i + per] for i in range(0, n, per)]
+            rows = pack_rows(enc, dec, order, self.encoder_length, self.decoder_length, **pack)
+            self._plan = ([rows[j] for j in rng.permutation(len(rows))], long_batches)
+            self._plan_epoch = epoch
+        return self._plan
+
+    def epoch_rows(self, epoch: int) -> list[np.ndarray]:
+        """The ordinary rows of `epoch` in the order batches take them."""
+        return self.epoch_plan(epoch)[0]
+
+    def _long_due(self) -> list[np.ndarray] | None:
+        """The next long batch of this epoch when its turn has come: long batch i of n is due
+        once (i + 1) / (n + 1) of the epoch's ordinary rows are handed out, or at its end."""
+        rows, longs = self.epoch_plan(self.epoch)
+        i = self.long_taken
+        if i < len(longs) and self.position >= (i + 1) * len(rows) // (len(longs) + 1):
+            return longs[i]
+        return None
+
+    def _finished(self) -> bool:
+        return self.num_epochs is not None and self.epoch >= self.num_epochs
 
     def __iter__(self) -> "PackedIterator":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._finished():
+            raise StopIteration
+        long_batch = self._long_due()
+        if long_batch is not None:
+            self.long_taken += 1
+            self._maybe_next_epoch()
+            f = self.long_factor
+            local = self.local_batch_size // f
+            start = self.process_index * local
+            return rows_to_batch(self.examples, long_batch[start:start + local], local,
+                                 self.encoder_length * f, self.decoder_length * f)
         rows: list[np.ndarray] = []
-        while len(rows) < self.batch_size:
-            if self.num_epochs is not None and self.epoch >= self.num_epochs:
-                break
+        while len(rows) < self.batch_size and not self._finished():
             epoch_rows = self.epoch_rows(self.epoch)
             take = epoch_rows[self.position:self.position + self.batch_size - len(rows)]
             rows += take
             self.position += len(take)
-            if self.position >= len(epoch_rows):
-                self.epoch, self.position = self.epoch + 1, 0
+            if not self._maybe_next_epoch() and self.position >= len(epoch_rows):
+                break  # this epoch's last long batches come before the next epoch's rows
         if not rows:
-            raise StopIteration
+            return next(self)
         start = self.process_index * self.local_batch_size
         return rows_to_batch(self.examples, rows[start:start + self.local_batch_size],
                              self.local_batch_size, self.encoder_length, self.decoder_length)
 
+    def _maybe_next_epoch(self) -> bool:
+        """Moves on to the next epoch once this one's rows and long batches are all handed out."""
+        rows, longs = self.epoch_plan(self.epoch)
+        if self.position >= len(rows) and self.long_taken >= len(longs):
+            self.epoch, self.position, self.long_taken = self.epoch + 1, 0, 0
+            return True
+        return False
+
     def state(self) -> dict[str, Any]:
         """Where the iterator is, plus what must match for a restore to be exact."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+        return {"epoch": self.epoch, "position": self.position, "long_taken": self.long_taken, "seed": self.seed,
                 "num_examples": len(self.examples), "batch_size": self.batch_size,
                 "encoder_length": self.encoder_length, "decoder_length": self.decoder_length,
                 "max_segments_per_row": self.max_segments, "pool_size": self.pool_size}
@@ -307,7 +409,8 @@ class PackedIterator:
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
-        self._rows_epoch = -1
+        self.long_taken = int(state.get("long_taken", 0))
+        self._plan_epoch = -1
 
 
 def train_iterator(cfg: Any, examples: Examples, **kwargs: Any) -> PackedIterator:

@@ -245,6 +245,15 @@ def train(cfg: Config) -> dict[str, Any]:
     examples = examples_for_split(cfg.data, "train", tokenizer)
     data = PackedIterator(examples, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length,
                           seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row)
+    long_rows = cfg.train.batch_size // data.long_factor
+    if long_rows % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
+        from tinyllm_jax.config import ConfigError
+
+        raise ConfigError(f"{data.long_examples} training examples are longer than data.encoder_length / "
+                          f"data.decoder_length and train in long batches of train.batch_size / {data.long_factor} "
+                          f"= {long_rows} rows, which must be divisible by data x fsdp "
+                          f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
+                          f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
     stream_names = [s.name for s in cfg.data.streams]
     trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), imported)
     del imported
@@ -259,35 +268,44 @@ def train(cfg: Config) -> dict[str, Any]:
     evaluator = _make_evaluator(cfg, t5cfg, tokenizer, mesh, run_dir, metrics_log)
 
     peak = peak_flops_per_device()
-    flops = train_flops_per_step(t5cfg, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length)
+    flops_of_shape: dict[tuple[int, int, int], float] = {}  # long batches have more attention FLOPs
+
+    def flops(batch: dict[str, Any]) -> float:
+        B, Le = batch["encoder_input_tokens"].shape
+        key = (B * jax.process_count(), Le, batch["decoder_input_tokens"].shape[1])
+        if key not in flops_of_shape:
+            flops_of_shape[key] = train_flops_per_step(t5cfg, *key)
+        return flops_of_shape[key]
+
     total = cfg.train.steps
     pending: tuple[int, Any] | None = None
-    interval_tokens, interval_start = 0, time.time()
+    interval_tokens, interval_flops, interval_start = 0, 0.0, time.time()
     last_logged: dict[str, Any] = {}
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.train.progress,
                dynamic_ncols=True)
 
-    def flush(step_done: int, metrics: Any) -> dict[str, Any]:
+    def flush(step_done: int, metrics: Any, step_flops: float) -> dict[str, Any]:
         """Reads step `step_done`'s metrics (after the next step was dispatched)."""
-        nonlocal interval_tokens, interval_start, last_logged
+        nonlocal interval_tokens, interval_flops, interval_start, last_logged
         m = _host_metrics(metrics, stream_names)
         if not np.isfinite(m["loss"]):
             raise NonFiniteLoss(
                 f"loss is {m['loss']} at step {step_done}; stopping. The last good checkpoint "
                 f"(step {ckpt.latest_step()}) is kept in {run_dir / 'checkpoints'}")
         interval_tokens += m["real_tokens"]
+        interval_flops += step_flops
         if step_done % cfg.train.log_every == 0 or step_done == total:
             now = time.time()
             steps_in = cfg.train.log_every if step_done % cfg.train.log_every == 0 else step_done % cfg.train.log_every
             dt = max(now - interval_start, 1e-9)
             m.update(step=step_done, time=now, tokens_per_s=interval_tokens / dt, step_time_s=dt / max(steps_in, 1))
             if peak:
-                m["mfu"] = flops / (dt / max(steps_in, 1)) / (peak * mesh.size)
+                m["mfu"] = interval_flops / dt / (peak * mesh.size)
             metrics_log.write(m)
             last_logged = m
             bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in m.items()
                              if k.startswith("loss") and v is not None} | {"tok/s": f"{m['tokens_per_s']:.0f}"})
-            interval_tokens, interval_start = 0, now
+            interval_tokens, interval_flops, interval_start = 0, 0.0, now
         return m
 
     result: dict[str, Any] = {}
@@ -295,12 +313,12 @@ def train(cfg: Config) -> dict[str, Any]:
         with _Preemption() as preempt:
             step = start
             while step < total:
-                batch = trainer.put(next(data))
-                trainer.state, metrics = trainer.step_fn(trainer.state, batch)
+                host_batch = next(data)
+                trainer.state, metrics = trainer.step_fn(trainer.state, trainer.put(host_batch))
                 step += 1
                 if pending is not None:
                     flush(*pending)
-                pending = (step, metrics)
+                pending = (step, metrics, flops(host_batch))
                 bar.update(1)
                 eval_due = evaluator is not None and cfg.eval.every_steps > 0 and step % cfg.eval.every_steps == 0
                 save_due = step % cfg.checkpoint.every_steps == 0 or step == total or preempt.requested
