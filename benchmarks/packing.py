@@ -101,10 +101,13 @@ def reference_step_by_step(records, tok, batch: int = 64, seed: int = 0) -> dict
             "encoder_real_tokens": enc_real, "decoder_real_tokens": dec_real}
 
 
-def packed(examples: Examples, encoder_length: int, batch_rows: int, epochs: int = 3, seed: int = 0) -> dict:
-    """Our packed training batches: real tokens / slots over `epochs` epochs of batches."""
-    encoder_length, decoder_length = suggest_lengths(examples, encoder_length)
-    report = check_lengths(examples, encoder_length, decoder_length)
+def packed(examples: Examples, encoder_length: int, batch_rows: int, epochs: int = 3, seed: int = 0,
+           long_batches: bool = False) -> dict:
+    """Our packed training batches: real tokens / slots over `epochs` epochs of batches (with
+    `long_batches`, rows sized for the data's ratio, as `suggest_lengths` says)."""
+    encoder_length, decoder_length = suggest_lengths(examples, encoder_length, cover_longest=not long_batches)
+    fits = (examples.enc_lengths <= encoder_length) & (examples.dec_lengths <= decoder_length)
+    report = check_lengths(examples.subset(np.flatnonzero(fits)), encoder_length, decoder_length)
     it = PackedIterator(examples, batch_rows, encoder_length, decoder_length, seed=seed,
                         process_index=0, process_count=1)
     enc_real = dec_real = enc_slots = dec_slots = batches = 0
@@ -126,6 +129,7 @@ def packed(examples: Examples, encoder_length: int, batch_rows: int, epochs: int
             "encoder_one_epoch": fraction(e_real, e_slots), "decoder_one_epoch": fraction(d_real, d_slots),
             "encoder_length": encoder_length, "decoder_length": decoder_length,
             "data_ratio_dec_per_enc": round(report.ratio, 4), "batch_rows": batch_rows,
+            "long_batch_examples": it.long_examples, "long_batch_factor": it.long_factor,
             "batches": batches, "examples": len(examples),
             "examples_per_row": round(len(examples) * epochs / (batches * batch_rows), 2),
             "seconds_per_batch": seconds / batches}

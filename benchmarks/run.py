@@ -315,7 +315,7 @@ def run_suite(name: str, *, tiny: bool = False, data_dir: Path = DEFAULT_DATA, o
         if "packing" in sections:
             log(f"[{name}] packing")
             results["packing"] = packing_section(train, tok, streams, suite.train.get("encoder_length"),
-                                                 suite.packing_rows)
+                                                 suite.packing_rows, suite.train.get("long_batches", False))
     results["seconds"] = round(time.time() - started, 1)
     results["device"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if out_dir is not None:
@@ -328,7 +328,8 @@ def run_suite(name: str, *, tiny: bool = False, data_dir: Path = DEFAULT_DATA, o
     return results
 
 
-def packing_section(records, tokenizer, streams, encoder_length: int | None, batch_rows: int) -> dict[str, Any]:
+def packing_section(records, tokenizer, streams, encoder_length: int | None, batch_rows: int,
+                    long_batches: bool = False) -> dict[str, Any]:
     """Real-token fractions through benchmarks/packing.py's functions: TinyLLM's padding (to
     100 as its code runs, per stream batches of 8), step-by-step's dynamic padding, and our
     packed batches of the same examples."""
@@ -340,7 +341,7 @@ def packing_section(records, tokenizer, streams, encoder_length: int | None, bat
     return {
         "reference_tinyllm_max_input_100": pk.reference_tinyllm(records, tokenizer, REFERENCE_MAX_INPUT),
         "reference_step_by_step": pk.reference_step_by_step(records, tokenizer),
-        "ours_packed": pk.packed(examples, encoder_length or 512, batch_rows),
+        "ours_packed": pk.packed(examples, encoder_length or 512, batch_rows, long_batches=long_batches),
     }
 
 
