@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import tarfile
 
-import pytest
-
 from conftest import shared_data_or_skip
 from tinyllm_jax.data.formats import REPORT_NAME, convert
 
