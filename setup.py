@@ -35,5 +35,5 @@ setup(
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },
-    entry_points={"console_scripts": ["tinyllm=tinyllm_jax.cli:main"]},
+    entry_points={"console_scripts": ["tinyllm=tinyllm_jax.cli:entry"]},
 )

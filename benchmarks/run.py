@@ -200,7 +200,8 @@ def device_info(threads: int) -> dict[str, Any]:
             "cpu_cores": len(os.sched_getaffinity(0)), "jax_threads": threads,
             "torch_threads": torch.get_num_threads() if torch else None,
             "torch_cuda": bool(torch and torch.cuda.is_available()), "jax": jax.__version__,
-            "torch": torch.__version__ if torch else None, "transformers": transformers.__version__}
+            "torch": torch.__version__ if torch else None, "transformers": transformers.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}  # huge pages: tinyllm_jax/hugepages.py
 
 
 def device_slug() -> str:
@@ -423,4 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from tinyllm_jax.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages("benchmarks.run", sys.argv[1:])  # as `tinyllm` does; both sides share it
     sys.exit(main())

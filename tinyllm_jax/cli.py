@@ -132,5 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> int:
+    """The `tinyllm` command: `main` in a process whose malloc uses transparent huge pages
+    (see tinyllm_jax/hugepages.py; ~14 % faster CPU train steps)."""
+    from tinyllm_jax.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages("tinyllm_jax.cli", sys.argv[1:])
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
