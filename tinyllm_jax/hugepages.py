@@ -39,10 +39,13 @@ def wanted(environ: dict[str, str] | None = None) -> bool:
 def reexec_with_huge_pages(module: str, argv: Sequence[str]) -> None:
     """Replaces this process by `python -m module *argv` with the tunable set (same PID, so
     signals and process managers see no difference); returns only when that is not wanted."""
-    if not wanted():
+    if not wanted() or not sys.executable:
         return
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+    except OSError:  # cannot re-run (an unusual interpreter): carry on without huge pages
+        return
