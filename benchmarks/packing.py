@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyllm_jax.data.packing import PackedIterator, check_lengths, suggest_lengths
+from tinyllm_jax.data.packing import Lengths, PackedIterator, check_lengths, suggest_lengths
 from tinyllm_jax.data.streams import Examples, build_examples, format_input, step_by_step_streams, tinyllm_streams
 from tinyllm_jax.model.tokenizer import train_sentencepiece
 
@@ -107,7 +107,7 @@ def packed(examples: Examples, encoder_length: int, batch_rows: int, epochs: int
     `long_batches`, rows sized for the data's ratio, as `suggest_lengths` says)."""
     encoder_length, decoder_length = suggest_lengths(examples, encoder_length, cover_longest=not long_batches)
     fits = (examples.enc_lengths <= encoder_length) & (examples.dec_lengths <= decoder_length)
-    report = check_lengths(examples.subset(np.flatnonzero(fits)), encoder_length, decoder_length)
+    report = check_lengths(Lengths.of(examples, fits), encoder_length, decoder_length)
     it = PackedIterator(examples, batch_rows, encoder_length, decoder_length, seed=seed,
                         process_index=0, process_count=1)
     enc_real = dec_real = enc_slots = dec_slots = batches = 0

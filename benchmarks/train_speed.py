@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.reference_torch import ReferenceTrainer, RefStream, time_steps, tokenize_records
 from tinyllm_jax.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, StreamConfig, TrainConfig
-from tinyllm_jax.data.packing import PackedIterator, long_factor, pack_rows, rows_to_batch, suggest_lengths
+from tinyllm_jax.data.packing import PackedIterator, long_factor, pack_rows, suggest_lengths
 from tinyllm_jax.data.streams import Examples, build_examples, stream_weights
 
 REFERENCE_MAX_INPUT = 100  # TinyLLM's command-line default, the length its code actually pads to
@@ -93,9 +93,7 @@ def time_our_steps(run: OurRun, warmup: int, steps: int) -> tuple[list[float], l
     for _ in range(warmup):
         jax.block_until_ready(dispatch()[0])
     if warmup and run.data.long_factor > 1:  # compile the long-batch shape too, untimed
-        f, (_, long_batches) = run.data.long_factor, run.data.epoch_plan(0)
-        batch = rows_to_batch(run.data.examples, long_batches[0], run.rows // f, run.encoder_length * f,
-                              run.decoder_length * f)
+        batch = run.data.batch(run.data.epoch_plan(0)[1][0], run.data.long_factor)
         run.trainer.state, metrics = run.trainer.step_fn(run.trainer.state, run.trainer.put(batch))
         jax.block_until_ready(metrics)
     jax.block_until_ready(run.trainer.state)

@@ -44,6 +44,20 @@ BATCH_KEYS = (
 # --------------------------------------------------------------------------- lengths
 
 
+@dataclass(frozen=True)
+class Lengths:
+    """The encoder and decoder token counts of some examples: all that the length checks
+    and suggestions below read, so a selection of examples needs no copy of its tokens."""
+
+    enc_lengths: np.ndarray
+    dec_lengths: np.ndarray
+
+    @classmethod
+    def of(cls, examples: Examples, mask: np.ndarray | None = None) -> "Lengths":
+        enc, dec = examples.enc_lengths, examples.dec_lengths
+        return cls(enc, dec) if mask is None else cls(enc[mask], dec[mask])
+
+
 @dataclass
 class LengthReport:
     """How the data's encoder and decoder token counts compare with the row lengths."""
@@ -57,7 +71,7 @@ class LengthReport:
     expected_dec_fill: float
 
 
-def length_report(examples: Examples, encoder_length: int, decoder_length: int) -> LengthReport:
+def length_report(examples: Examples | Lengths, encoder_length: int, decoder_length: int) -> LengthReport:
     enc, dec = int(examples.enc_lengths.sum()), int(examples.dec_lengths.sum())
     rows = max(enc / encoder_length, dec / decoder_length)  # at best the binding side is full
     return LengthReport(enc, dec, dec / max(enc, 1), int(examples.enc_lengths.max()),
@@ -65,7 +79,7 @@ def length_report(examples: Examples, encoder_length: int, decoder_length: int) 
                         dec / (rows * decoder_length))
 
 
-def suggest_decoder_length(examples: Examples, encoder_length: int, multiple: int = 8,
+def suggest_decoder_length(examples: Examples | Lengths, encoder_length: int, multiple: int = 8,
                            cover_longest: bool = True) -> int:
     """The decoder row length matching the data's decoder/encoder token ratio, so that both
     sides can fill; the nearest multiple of `multiple`, with `cover_longest` never shorter
@@ -75,7 +89,7 @@ def suggest_decoder_length(examples: Examples, encoder_length: int, multiple: in
     return max(matched, -(-r.longest_dec // multiple) * multiple) if cover_longest else matched
 
 
-def suggest_lengths(examples: Examples, encoder_length: int | None = None,
+def suggest_lengths(examples: Examples | Lengths, encoder_length: int | None = None,
                     examples_per_row: int = 8, multiple: int = 8, cover_longest: bool = True) -> tuple[int, int]:
     """(encoder_length, decoder_length) under which both sides of packed rows can fill.
 
@@ -97,7 +111,7 @@ def suggest_lengths(examples: Examples, encoder_length: int | None = None,
     return encoder_length, suggest_decoder_length(examples, encoder_length, multiple)
 
 
-def check_lengths(examples: Examples, encoder_length: int, decoder_length: int,
+def check_lengths(examples: Examples | Lengths, encoder_length: int, decoder_length: int,
                   min_fill: float = 0.9) -> LengthReport:
     """Raises UserError when an example cannot fit a row; warns when the lengths' ratio is so
     far from the data's that one side would fill under `min_fill` even if packed perfectly."""
@@ -289,8 +303,7 @@ class PackedIterator:
                      "batches of %d rows of (%d, %d)", int((~self.fits).sum()), len(examples), encoder_length,
                      decoder_length, long_rows, encoder_length * f, decoder_length * f)
         if self.fits.any():  # the fill warning, for the examples ordinary rows take
-            check_lengths(examples.subset(np.flatnonzero(self.fits)) if f > 1 else examples,
-                          encoder_length, decoder_length)
+            check_lengths(Lengths.of(examples, self.fits), encoder_length, decoder_length)
         self.examples = examples
         self.batch_size = batch_size
         self.encoder_length = encoder_length
@@ -360,15 +373,11 @@ class PackedIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._finished():
             raise StopIteration
-        long_batch = self._long_due()
-        if long_batch is not None:
+        long_rows = self._long_due()
+        if long_rows is not None:
             self.long_taken += 1
             self._maybe_next_epoch()
-            f = self.long_factor
-            local = self.local_batch_size // f
-            start = self.process_index * local
-            return rows_to_batch(self.examples, long_batch[start:start + local], local,
-                                 self.encoder_length * f, self.decoder_length * f)
+            return self.batch(long_rows, self.long_factor)
         rows: list[np.ndarray] = []
         while len(rows) < self.batch_size and not self._finished():
             epoch_rows = self.epoch_rows(self.epoch)
@@ -379,9 +388,15 @@ class PackedIterator:
                 break  # this epoch's last long batches come before the next epoch's rows
         if not rows:
             return next(self)
-        start = self.process_index * self.local_batch_size
-        return rows_to_batch(self.examples, rows[start:start + self.local_batch_size],
-                             self.local_batch_size, self.encoder_length, self.decoder_length)
+        return self.batch(rows)
+
+    def batch(self, global_rows: Sequence[np.ndarray], factor: int = 1) -> dict[str, np.ndarray]:
+        """This process's share of the global batch made of `global_rows`: rows of the
+        ordinary lengths, or (factor = long_factor) of a long batch."""
+        local = self.local_batch_size // factor
+        start = self.process_index * local
+        return rows_to_batch(self.examples, global_rows[start:start + local], local,
+                             self.encoder_length * factor, self.decoder_length * factor)
 
     def _maybe_next_epoch(self) -> bool:
         """Moves on to the next epoch once this one's rows and long batches are all handed out."""
