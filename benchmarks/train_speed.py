@@ -58,7 +58,7 @@ def make_our_run(model_dir: str, examples: Examples, streams: Sequence[StreamCon
     """Our trainer, initialised from the HF checkpoint `model_dir` (the same weights the
     reference loads), with the references' optimizer: AdamW 5e-5, linear decay, clip 1.0."""
     from tinyllm_jax.model.hf import load_pretrained
-    from tinyllm_jax.train import sharding
+    from tinyllm_jax.runtime import sharding
     from tinyllm_jax.train.loop import Trainer
 
     _, params, _, t5cfg = load_pretrained(model_dir, tokenizer=False)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyllm_jax.config import CheckpointConfig
-from tinyllm_jax.train.checkpoint import Checkpointer
+from tinyllm_jax.runtime.checkpoint import Checkpointer
 
 
 def test_keeps_last_k_plus_best_and_restores_both(tmp_path):

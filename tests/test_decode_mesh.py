@@ -16,7 +16,7 @@ from tinyllm_jax.config import MeshConfig
 from tinyllm_jax.eval.decode import generate_ids
 from tinyllm_jax.model.hf import load_pretrained
 from tinyllm_jax.model.t5 import T5
-from tinyllm_jax.train import sharding
+from tinyllm_jax.runtime import sharding
 
 assert jax.device_count() == 8, jax.devices()
 _, params, tok, cfg = load_pretrained(sys.argv[1])

@@ -70,7 +70,7 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 def final_params(run_dir: Path, step: int):
     from tinyllm_jax.config import CheckpointConfig
-    from tinyllm_jax.train.checkpoint import Checkpointer
+    from tinyllm_jax.runtime.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig(), read_only=True)
     params = ckpt.restore_params(step)

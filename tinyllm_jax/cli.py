@@ -39,7 +39,7 @@ def _predict(a: argparse.Namespace) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
-    from tinyllm_jax.model.hf import export_command
+    from tinyllm_jax.runs import export_command
 
     export_command(a.src, a.out_dir, step=a.step)
 

@@ -15,6 +15,7 @@ import numpy as np
 from tinyllm_jax.config import Config, ConfigError
 from tinyllm_jax.errors import UserError
 from tinyllm_jax.model.t5 import T5Config
+from tinyllm_jax.runtime import sharding
 
 log = logging.getLogger("tinyllm.eval")
 
@@ -56,19 +57,15 @@ class Evaluation:
     def _shard(self):
         if self.mesh is None:
             return None
-        from tinyllm_jax.train.sharding import batch_sharding
-
         import jax
 
-        sharding = batch_sharding(self.mesh)
-        return lambda arr: jax.device_put(arr, sharding)
+        rows = sharding.batch_sharding(self.mesh)
+        return lambda arr: jax.device_put(arr, rows)
 
     def batch_size(self) -> int:
         bs = self.cfg.eval.batch_size
         if self.mesh is not None:
-            from tinyllm_jax.train.sharding import batch_divisor
-
-            d = batch_divisor(self.mesh)
+            d = sharding.batch_divisor(self.mesh)
             bs = -(-bs // d) * d  # round up: rows are split over the batch axes
         return bs
 
@@ -107,39 +104,29 @@ def evaluate_command(cfg: Config, checkpoint: str | None = None, split: str = "t
     directory or a step number) on `split`; the summary is printed and written."""
     import jax
 
-    from tinyllm_jax.model.tokenizer import load_tokenizer
-    from tinyllm_jax.train import sharding
-    from tinyllm_jax.train.checkpoint import Checkpointer
+    from tinyllm_jax.runs import load_run, run_model_config
 
     run_dir = Path(cfg.run_dir)
-    model_cfg = run_dir / "model_config.json"
-    if not model_cfg.is_file():
-        raise UserError(f"{run_dir}: not a training run directory (no model_config.json); train first or set run_dir=")
+    run_model_config(run_dir)  # a clear error before anything else when this is no run
     saved = run_dir / "config.yaml"
     if saved.is_file() and not cfg.data.train:
         from tinyllm_jax.config import load_config
 
         cfg = load_config(saved)
-    t5cfg = T5Config(**json.loads(model_cfg.read_text()))
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
-    step = _checkpoint_step(checkpoint, ckpt)
-    params = ckpt.restore_params(step)
-    ckpt.close()
+    model = load_run(run_dir, _checkpoint_step(checkpoint))
     mesh = sharding.make_mesh(cfg.mesh)
-    params = jax.device_put(params, sharding.replicated(mesh))
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
-    summary = Evaluation(cfg, t5cfg, tokenizer, mesh).run(params, split, run_dir, step)
+    params = jax.device_put(model.params, sharding.replicated(mesh))
+    summary = Evaluation(cfg, model.t5cfg, model.tokenizer, mesh).run(params, split, run_dir, model.step)
     print(json.dumps(summary, indent=2))
     return summary
 
 
-def _checkpoint_step(checkpoint: str | None, ckpt) -> int:
-    steps = sorted(ckpt.manager.all_steps())
-    if not steps:
-        raise UserError(f"{ckpt.manager.directory}: no checkpoints")
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    """--checkpoint as a step number or a step directory (checked against the saved steps
+    by `load_run`)."""
     if checkpoint is None:
-        return ckpt.best_step()
+        return None
     name = Path(checkpoint).name
-    if name.isdigit() and int(name) in steps:
+    if name.isdigit():
         return int(name)
-    raise UserError(f"--checkpoint {checkpoint}: no such checkpoint step (saved steps: {steps})")
+    raise UserError(f"--checkpoint {checkpoint}: expected a step number or a checkpoint step directory")

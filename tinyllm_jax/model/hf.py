@@ -281,16 +281,3 @@ def jax_to_numpy(tree: Any) -> Any:
 
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
 
-
-def export_command(src: str, out_dir: str, step: int | None = None) -> Path:
-    """`tinyllm export`: an HF directory/hub id, or a training run directory, to HF format."""
-    src_path = Path(src)
-    if (src_path / "config.yaml").is_file() and (src_path / "checkpoints").is_dir():
-        from tinyllm_jax.train.checkpoint import load_run_for_export
-
-        params, cfg, tok = load_run_for_export(src_path, step)
-    else:
-        _, params, tok, cfg = load_pretrained(src)
-    out = save_pretrained(params, cfg.replace(dtype="float32"), out_dir, tok)
-    print(f"exported to {out} ({sum(1 for _ in out.iterdir())} files)")
-    return out

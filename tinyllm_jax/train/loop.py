@@ -23,10 +23,11 @@ from flax import linen as nn
 
 from tinyllm_jax.config import Config, save_config
 from tinyllm_jax.errors import UserError
+from tinyllm_jax.eval.evaluate import Evaluation
 from tinyllm_jax.model.t5 import T5, T5Config
 from tinyllm_jax.train import loss as loss_lib
-from tinyllm_jax.train import sharding
-from tinyllm_jax.train.checkpoint import Checkpointer
+from tinyllm_jax.runtime import sharding
+from tinyllm_jax.runtime.checkpoint import Checkpointer
 from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device, train_flops_per_step
 from tinyllm_jax.train.optim import make_optimizer
 
@@ -355,7 +356,6 @@ def train(cfg: Config) -> dict[str, Any]:
 def _make_evaluator(cfg: Config, t5cfg: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
     """params, step, split -> metrics dict (logged), or None when there is nothing to evaluate."""
     from tinyllm_jax.data.sources import has_split
-    from tinyllm_jax.eval.evaluate import Evaluation
 
     if not has_split(cfg.data, "validation") and not has_split(cfg.data, "test"):
         return None

@@ -1,12 +1,11 @@
 """Orbax checkpoints: async saves, the last K kept plus the best by a validation metric,
-exact resume (train state and data iterator state), and loading a run for export.
+exact resume (train state and data iterator state), parameters alone for export and evaluation.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 kill during a save leaves the previous checkpoint as the latest good one."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from tinyllm_jax.config import CheckpointConfig
-from tinyllm_jax.errors import UserError
 
 
 class Checkpointer:
@@ -75,25 +73,3 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-
-def load_run_for_export(run_dir: Path, step: int | None = None):
-    """(params, T5Config, tokenizer) of a training run's best (else latest) checkpoint."""
-    from tinyllm_jax.config import load_config
-    from tinyllm_jax.model.t5 import T5Config
-    from tinyllm_jax.model.tokenizer import load_tokenizer
-
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    model_cfg_path = run_dir / "model_config.json"
-    if not model_cfg_path.is_file():
-        raise UserError(f"{run_dir}: no model_config.json (not a tinyllm training run directory?)")
-    t5cfg = T5Config(**json.loads(model_cfg_path.read_text()))
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
-    step = step if step is not None else ckpt.best_step()
-    if step is None:
-        raise UserError(f"{run_dir}/checkpoints: no checkpoint saved yet")
-    if step not in ckpt.manager.all_steps():
-        raise UserError(f"{run_dir}/checkpoints: no step {step} (saved: {sorted(ckpt.manager.all_steps())})")
-    params = ckpt.restore_params(step)
-    ckpt.close()
-    return params, t5cfg, load_tokenizer(str(run_dir / "tokenizer"))
