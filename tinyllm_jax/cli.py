@@ -57,6 +57,12 @@ def _rationales(a: argparse.Namespace) -> None:
     generate_command(load_config(a.config, a.overrides))
 
 
+def _recipe(a: argparse.Namespace) -> None:
+    from tinyllm_jax.recipes import recipe_command
+
+    recipe_command(a.config, a.overrides, dry_run=a.dry_run, only=a.only)
+
+
 def _plot(a: argparse.Namespace) -> None:
     from tinyllm_jax.train.plot import plot_run
 
@@ -101,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(fn=_rationales)
 
+    p = sub.add_parser("recipe", help="run a method end to end: data, teachers, training, test, export")
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the stages, what each reads and writes, which are done, and the teacher requests left")
+    p.add_argument("--only", metavar="STAGE", help="run this one stage (the stages before it must be done)")
+    p.set_defaults(fn=_recipe)
+
     p = sub.add_parser("plot", help="plot per-stream loss and eval accuracy of a run")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/plot.png)")
@@ -120,7 +133,7 @@ def _maybe_init_distributed() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("train", "eval"):
+        if args.command in ("train", "eval", "recipe"):
             _maybe_init_distributed()
         args.fn(args)
     except UserError as e:

@@ -34,6 +34,9 @@ class ModelConfig:
 
     init: Optional[str] = None
     tokenizer: Optional[str] = None  # HF dir/hub id; defaults to `init`
+    # with neither init nor tokenizer: train a SentencePiece BPE tokenizer of this many
+    # pieces on the training records (the demos do; saved in RUN_DIR/tokenizer)
+    train_tokenizer_vocab: Optional[int] = None
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64
@@ -159,8 +162,10 @@ class TeacherConfig:
     """One teacher LLM for `tinyllm rationales`: an OpenAI-compatible server or a local T5."""
 
     name: str
-    backend: Literal["openai", "local-t5"] = "openai"
-    model: str = ""  # served model name (openai) or an HF T5 directory / hub id (local-t5)
+    backend: Literal["openai", "local-t5", "demo"] = "openai"
+    # served model name (openai), an HF T5 directory / hub id / run directory (local-t5),
+    # or the style of a demo teacher (demo: careful or terse)
+    model: str = ""
     base_url: str = "http://127.0.0.1:8000/v1"
     endpoint: Literal["completions", "chat"] = "completions"
     api_key_env: Optional[str] = None  # the key is read from this variable, never stored
@@ -181,6 +186,7 @@ class TeacherConfig:
     max_consecutive_failures: int = 50  # then the run stops (the server is down)
     batch_size: int = 16  # local-t5: prompts a decode call
     max_input_tokens: int = 1024  # local-t5: longer prompts lose their beginning
+    error_rate: Optional[float] = None  # demo: fraction of wrong answers (default: careful 0, terse 0.15)
 
 
 @dataclass

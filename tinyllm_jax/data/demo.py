@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -58,7 +59,7 @@ def _question(rng: random.Random, name: str, obj: str, start: int, changes: list
     return f"{name} has {start} {obj}, {actions}. How many {obj} does {name} have?"
 
 
-def _careful(name: str, start: int, changes: list[int], answer: int) -> str:
+def careful_rationale(name: str, start: int, changes: list[int], answer: int) -> str:
     steps, count = [f"{name} starts with {start}."], start
     for k in changes:
         steps.append(f"{count} {'+' if k > 0 else '-'} {abs(k)} = {count + k}.")
@@ -66,9 +67,30 @@ def _careful(name: str, start: int, changes: list[int], answer: int) -> str:
     return " ".join(steps) + f" So the answer is {answer}."
 
 
-def _terse(start: int, changes: list[int], result: int) -> str:
+def terse_rationale(start: int, changes: list[int], result: int) -> str:
     terms = " ".join(f"{'+' if k > 0 else '-'} {abs(k)}" for k in changes)
     return f"{start} {terms} = {result}. The answer is {result}."
+
+
+_QUESTION_RE = re.compile(r"^(?P<name>\w+) has (?P<start>\d+) (?P<obj>\w+), (?P<actions>.+)\. "
+                          r"How many (?P=obj) does (?P=name) have\?$")
+_ACTION_RE = re.compile(r"(buys|finds) (\d+) more|(gives away|loses) (\d+)")
+
+
+def parse_question(question: str) -> tuple[str, str, int, list[int]] | None:
+    """(name, object, start, signed changes) of a demo question, or None for any other
+    text: the ground truth the demo teachers answer from."""
+    m = _QUESTION_RE.match(question.strip())
+    if not m:
+        return None
+    pieces = re.split(r", | and ", m["actions"])
+    changes = []
+    for piece in pieces:
+        a = _ACTION_RE.fullmatch(piece)
+        if not a:
+            return None
+        changes.append(int(a[2]) if a[2] else -int(a[4]))
+    return m["name"], m["obj"], int(m["start"]), changes
 
 
 def _choices(rng: random.Random, start: int, changes: list[int], answer: int) -> list[str]:
@@ -110,8 +132,8 @@ def make_demo_records(n: int, seed: int, split: str, terse_error_rate: float = T
             terse_answer = int(rng.choice([c for c in choices if c != str(answer)]))
         records.append(make_record(
             f"demo-{split}-{i}", question, str(answer), choices,
-            rationales={"careful": [_careful(name, start, changes, answer)],
-                        "terse": [_terse(start, changes, terse_answer)]},
+            rationales={"careful": [careful_rationale(name, start, changes, answer)],
+                        "terse": [terse_rationale(start, changes, terse_answer)]},
             meta={"terse_correct": terse_answer == answer},
         ))
     return records

@@ -14,12 +14,15 @@ import asyncio
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import httpx2
 
 from tinyllm_jax.config import ConfigError, TeacherConfig
+from tinyllm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class Job:
     prompt: str
     seed: int
     info: dict[str, Any] = field(default_factory=dict)  # copied into the cache entry
+    record: dict[str, Any] | None = None  # the record asked about (the demo teacher reads it; servers never see it)
 
 
 @dataclass
@@ -47,6 +51,10 @@ class RunStats:
 
 OnDone = Callable[[Job, str], None]
 OnFail = Callable[[Job, str], None]
+
+
+class TeacherUnreachable(UserError):
+    """Nothing listens at a teacher's base_url."""
 
 
 class RequestFailed(Exception):
@@ -77,6 +85,19 @@ class OpenAICompatible:
         self.url = teacher.base_url.rstrip("/") + ("/chat/completions" if teacher.endpoint == "chat" else "/completions")
         self._key = api_key
         self.stats = RunStats()
+
+    def check_reachable(self, key: str) -> None:
+        """Raises TeacherUnreachable when nothing accepts a connection at `base_url` (named
+        by the config `key`); any answer at all, even an HTTP error, counts as reachable."""
+        url = urlsplit(self.teacher.base_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=min(self.teacher.timeout_s, 10.0)).close()
+        except OSError as e:
+            why = "connection refused" if isinstance(e, ConnectionRefusedError) else (e.strerror or type(e).__name__)
+            raise TeacherUnreachable(
+                f"teacher {self.teacher.name!r}: {key} = {self.teacher.base_url}: {why}; start the server "
+                "(or fix the address) and rerun: what was collected so far is kept") from None
 
     def settings(self) -> dict[str, Any]:
         """What shapes an answer besides the prompt (hashed into the cache key, kept as provenance)."""

@@ -25,14 +25,17 @@ def entry_key(entry: dict[str, Any]) -> str:
 class ResultCache:
     """Entries by key; `add` appends one line and flushes before returning."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
         self.path = Path(path)
         self.entries: dict[str, dict[str, Any]] = {}
         self.torn_lines = 0  # lines that were cut short by a killed process
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             for entry in self._read():
                 self.entries.setdefault(entry_key(entry), entry)  # first answer wins
+        self._file = None
+        if read_only:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._file.tell() > 0 and not self._ends_with_newline():
             self._file.write("\n")
@@ -45,6 +48,8 @@ class ResultCache:
         return self.entries.get(key)
 
     def add(self, entry: dict[str, Any]) -> None:
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: opened read-only")
         key = entry_key(entry)
         if key in self.entries:
             return
@@ -53,7 +58,8 @@ class ResultCache:
         self.entries[key] = entry
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> "ResultCache":
         return self

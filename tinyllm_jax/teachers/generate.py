@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from tinyllm_jax.teachers.backends import Job, OpenAICompatible, RunStats, read_
 from tinyllm_jax.teachers.cache import ResultCache, entry_key
 from tinyllm_jax.teachers.prompts import PromptTemplate, cut_at_stop, load_template, pick_examples, request_hash
 from tinyllm_jax.teachers.report import format_report, new_counts, tally_answers
+
+
+log = logging.getLogger("tinyllm.rationales")
 
 
 class IncompleteRun(UserError):
@@ -64,24 +68,12 @@ def generate_rationales(cfg: Config, *, on_result: Callable[[dict[str, Any]], No
     """Collects the rationales and writes the outputs; returns the report (see report.py).
     `on_result(entry)` is called after each new answer is cached (progress hooks, tests)."""
     rc = cfg.rationales
-    _check(rc)
-    task = rc.task or cfg.eval.task
-    get_task(task)  # an unknown scoring type fails before any request is sent
-    datasets = _read_inputs(rc)
+    datasets, examples, task = _prepare(cfg)
     out_dir = Path(rc.output)
-    examples = read_jsonl(rc.examples_file)[0] if rc.examples_file and rc.num_examples > 0 else None
-    report: dict[str, Any] = {"teachers": {}, "cache": str(Path(rc.cache) if rc.cache else out_dir / "cache.jsonl")}
+    report: dict[str, Any] = {"teachers": {}, "cache": str(_cache_path(rc))}
     planned: dict[tuple[str, str, str], list[str]] = {}  # (dataset, record id, teacher) -> keys
     with ResultCache(report["cache"]) as cache:
-        # every template, API key and gold letter is checked before the first request
-        runs = [_TeacherRun(rc, t, load_template(t.template, rc.templates), task, cache, on_result) for t in rc.teachers]
-        for run in runs:
-            for ds in datasets:
-                try:
-                    for rec in ds.records:
-                        run.template.query(rec)
-                except ConfigError as e:
-                    raise ConfigError(f"{ds.path}: teacher {run.teacher.name!r}: {e}") from None
+        runs = _teacher_runs(rc, datasets, task, cache, on_result)
         for run in runs:
             counts = report["teachers"][run.teacher.name] = {}
             for ds in datasets:
@@ -94,6 +86,46 @@ def generate_rationales(cfg: Config, *, on_result: Callable[[dict[str, Any]], No
     report["complete"] = report["missing"] == 0 and not any(c["error"] for c in all_counts)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
+
+
+def plan_rationales(cfg: Config) -> dict[str, dict[str, dict[str, Any]]]:
+    """What `generate_rationales` would still send, per teacher and input file, without
+    sending anything: {teacher: {file: {"pool": n, "requests": n, "exact": bool}}}."""
+    rc = cfg.rationales
+    datasets, examples, task = _prepare(cfg)
+    cache_path = _cache_path(rc)
+    with ResultCache(cache_path, read_only=True) as cache:
+        runs = _teacher_runs(rc, datasets, task, cache, None)
+        return {run.teacher.name: {ds.name: run.plan(ds, examples) for ds in datasets} for run in runs}
+
+
+def _cache_path(rc: RationalesConfig) -> Path:
+    return Path(rc.cache) if rc.cache else Path(rc.output) / "cache.jsonl"
+
+
+def _prepare(cfg: Config) -> tuple[list[Dataset], list[dict] | None, str]:
+    rc = cfg.rationales
+    _check(rc)
+    task = rc.task or cfg.eval.task
+    get_task(task)  # an unknown scoring type fails before any request is sent
+    datasets = _read_inputs(rc)
+    examples = read_jsonl(rc.examples_file)[0] if rc.examples_file and rc.num_examples > 0 else None
+    return datasets, examples, task
+
+
+def _teacher_runs(rc: RationalesConfig, datasets: list[Dataset], task: str, cache: ResultCache,
+                  on_result) -> list["_TeacherRun"]:
+    """One run a teacher; every template, API key and gold letter is checked before the
+    first request."""
+    runs = [_TeacherRun(rc, t, load_template(t.template, rc.templates), task, cache, on_result) for t in rc.teachers]
+    for run in runs:
+        for ds in datasets:
+            try:
+                for rec in ds.records:
+                    run.template.query(rec)
+            except ConfigError as e:
+                raise ConfigError(f"{ds.path}: teacher {run.teacher.name!r}: {e}") from None
+    return runs
 
 
 class _TeacherRun:
@@ -109,21 +141,79 @@ class _TeacherRun:
             from tinyllm_jax.teachers.local_t5 import LocalT5
 
             self.backend = LocalT5(teacher, seed=rc.seed)
+        elif teacher.backend == "demo":
+            from tinyllm_jax.teachers.demo import DemoTeacher
+
+            self.backend = DemoTeacher(teacher, seed=rc.seed)
         else:
             self.backend = OpenAICompatible(teacher, self.stop, api_key=read_api_key(teacher))
         self.settings = {**self.backend.settings(), "template": template.name, "gold_in_prompt": template.uses_gold}
 
+        self._reachable = False
+
+    def check_reachable(self) -> None:
+        """A server that refuses connections fails here, in one line, before its first
+        request (what earlier teachers and files collected is already cached)."""
+        check = getattr(self.backend, "check_reachable", None)
+        if check is not None and not self._reachable:
+            index = [t.name for t in self.rc.teachers].index(self.teacher.name)
+            check(f"rationales.teachers[{index}].base_url")
+        self._reachable = True
+
     def dataset(self, ds: Dataset, examples: list[dict] | None, planned: dict) -> dict[str, Any]:
         counts = new_counts(len(ds.records))
-        k = self.rc.num_examples
-        pool: dict[str, tuple[dict, str]] = {}
-        if k > 0 and not self.aborted:
-            pool = self._pool_from(examples) if examples is not None else self._zero_shot_pool(ds, counts)
-            if len(pool) < k + 1 and not self.aborted:
-                return self._skip(ds, counts, f"{len(pool)} records with a usable rationale for in-context "
-                                              f"examples; {k + 1} needed (num_examples + 1)")
         if self.aborted:  # the server is down: do not spend another round of retries on it
             return self._skip(ds, counts, f"not started: {self.aborted}")
+        pool, why = self._pool(ds, examples, counts, send=True)
+        if why:
+            return self._skip(ds, counts, why)
+        jobs = self._record_jobs(ds, pool, planned)
+        self._send(ds, jobs, counts, f"{self.teacher.name} {ds.name}")
+        return counts
+
+    def plan(self, ds: Dataset, examples: list[dict] | None) -> dict[str, Any]:
+        """What `dataset` would send, sending nothing: {"pool": n, "requests": n, "exact": bool}.
+        Until the in-context examples are all answered the prompts are not known, so the
+        record requests are counted in full (`exact` False)."""
+        counts = new_counts(len(ds.records))
+        pool_jobs = self._pool_jobs(ds) if self._needs_zero_shot_pool(examples) else []
+        pending_pool = sum(j.key not in self.cache for j in pool_jobs)
+        pool, why = self._pool(ds, examples, counts, send=False)
+        if why:
+            return {"pool": pending_pool, "requests": len(ds.records) * self.teacher.num_samples, "exact": False}
+        jobs = self._record_jobs(ds, pool, {})
+        return {"pool": pending_pool, "requests": sum(j.key not in self.cache for j in jobs), "exact": True}
+
+    def _needs_zero_shot_pool(self, examples: list[dict] | None) -> bool:
+        return self.rc.num_examples > 0 and examples is None
+
+    def _pool(self, ds: Dataset, examples: list[dict] | None, counts: dict,
+              send: bool) -> tuple[dict[str, tuple[dict, str]], str]:
+        """(in-context example pool, "") or ({}, why no prompt can be built yet). Every
+        zero-shot example request must be answered first: a prompt built from part of the
+        pool would differ from the rerun's, and its request would be sent twice."""
+        k = self.rc.num_examples
+        if k == 0:
+            return {}, ""
+        if examples is not None:
+            pool = self._pool_from(examples)
+        else:
+            jobs = self._pool_jobs(ds)
+            if send:
+                counts["pool"] = new_counts(len(jobs))
+                self._send(ds, jobs, counts["pool"], f"{self.teacher.name} {ds.name} (examples)")
+            missing = sum(j.key not in self.cache for j in jobs)
+            if missing:
+                return {}, (f"{missing} of {len(jobs)} in-context example requests failed or did not run, so "
+                            "no prompt that shows examples was sent; rerun to finish")
+            pool = {e["record_id"]: (ds.by_id[e["record_id"]], e["rationale"])
+                    for e in self._answered(jobs) if e["rationale"] and e["correct"] is not False}
+        if len(pool) < k + 1:
+            return {}, f"{len(pool)} records with a usable rationale for in-context examples; {k + 1} needed (num_examples + 1)"
+        return pool, ""
+
+    def _record_jobs(self, ds: Dataset, pool: dict[str, tuple[dict, str]], planned: dict) -> list[Job]:
+        k = self.rc.num_examples
         jobs = []
         for rec in ds.records:
             ids = pick_examples(list(pool), rec["id"], k, self.rc.seed, ds.name)
@@ -134,8 +224,7 @@ class _TeacherRun:
                 keys.append(job.key)
                 jobs.append(job)
             planned[(ds.name, rec["id"], self.teacher.name)] = keys
-        self._send(ds, jobs, counts, f"{self.teacher.name} {ds.name}")
-        return counts
+        return jobs
 
     def _skip(self, ds: Dataset, counts: dict[str, Any], why: str) -> dict[str, Any]:
         counts["error"] = why
@@ -154,19 +243,14 @@ class _TeacherRun:
                 pool[rec["id"]] = (rec, (rats.get(self.teacher.name) or next(iter(rats.values())))[0])
         return pool
 
-    def _zero_shot_pool(self, ds: Dataset, counts: dict) -> dict[str, tuple[dict, str]]:
-        """A zero-shot pass over a seeded sample of the file; answers that do not contradict
-        the gold answer become the examples."""
+    def _pool_jobs(self, ds: Dataset) -> list[Job]:
+        """Zero-shot requests over a seeded sample of the file; the answers that do not
+        contradict the gold answer become the in-context examples."""
         ids = sorted(ds.by_id)
         rng = random.Random(hashlib.sha256(f"{self.rc.seed}\x1f{ds.name}\x1fpool".encode()).digest())
         chosen = rng.sample(ids, min(len(ids), self.rc.zero_shot_pool))
-        jobs = [self._job(ds, ds.by_id[i], 0, self.template.prompt(ds.by_id[i], []), "zero-shot-pool", [])
+        return [self._job(ds, ds.by_id[i], 0, self.template.prompt(ds.by_id[i], []), "zero-shot-pool", [])
                 for i in chosen]
-        pool_counts = new_counts(len(chosen))
-        self._send(ds, jobs, pool_counts, f"{self.teacher.name} {ds.name} (examples)")
-        counts["pool"] = pool_counts
-        return {e["record_id"]: (ds.by_id[e["record_id"]], e["rationale"])
-                for e in self._answered(jobs) if e["rationale"] and e["correct"] is not False}
 
     def _job(self, ds: Dataset, rec: dict, sample: int, prompt: str, stage: str, example_ids: list[str]) -> Job:
         seed = int.from_bytes(hashlib.sha256(f"{self.rc.seed}\x1f{ds.name}\x1f{rec['id']}\x1f{sample}".encode())
@@ -174,12 +258,14 @@ class _TeacherRun:
         info = {"dataset": ds.name, "record_id": rec["id"], "teacher": self.teacher.name, "sample": sample,
                 "request_hash": request_hash(prompt, {**self.settings, "seed": seed}), "stage": stage,
                 "examples": example_ids, "seed": seed}
-        return Job(key=entry_key(info), prompt=prompt, seed=seed, info=info)
+        return Job(key=entry_key(info), prompt=prompt, seed=seed, info=info, record=rec)
 
     def _send(self, ds: Dataset, jobs: list[Job], counts: dict, desc: str) -> None:
         counts["requests"] = len(jobs)
         pending = [j for j in jobs if j.key not in self.cache]
         counts["cached"] = len(jobs) - len(pending)
+        if pending:
+            self.check_reachable()
         bar = tqdm(total=len(pending), desc=desc, unit="req", disable=not self.rc.progress or not pending,
                    dynamic_ncols=True)
 
@@ -289,5 +375,9 @@ def _check(rc: RationalesConfig) -> None:
         for key in ("num_samples", "concurrency", "max_tokens", "batch_size", "max_consecutive_failures"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"rationales.teachers[{i}].{key}: expected >= 1, found {getattr(t, key)}")
+        if t.num_samples > 1 and t.temperature == 0.0 and t.backend != "demo":
+            log.warning("rationales.teachers[%d] (%r): num_samples=%d at temperature 0: greedy decoding gives the "
+                        "same rationale every time; set a temperature > 0 for distinct samples", i, t.name,
+                        t.num_samples)
         if t.max_retries < 0 or t.timeout_s <= 0 or t.backoff_s < 0:
             raise ConfigError(f"rationales.teachers[{i}]: expected max_retries >= 0, timeout_s > 0, backoff_s >= 0")

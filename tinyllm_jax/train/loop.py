@@ -222,8 +222,10 @@ def _host_metrics(m: dict[str, Any], stream_names: list[str]) -> dict[str, Any]:
     return out
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Runs (or resumes) the run described by `cfg`; returns the final summary."""
+def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
+    """Runs (or resumes) the run described by `cfg`; returns the final summary. The test
+    split is scored once at the end with the selected checkpoint, unless `evaluate_test`
+    is False (the recipes score it in a stage of their own)."""
     from tqdm.auto import tqdm
 
     from tinyllm_jax.data.packing import PackedIterator
@@ -337,7 +339,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 flush(*pending)
         ckpt.wait()
         result = {"steps": total, "final_loss": last_logged.get("loss")}
-        if evaluator is not None and cfg.data.test:
+        if evaluator is not None and cfg.data.test and evaluate_test:
             best = ckpt.best_step()
             params = trainer.state["params"]
             if best is not None and best != total:

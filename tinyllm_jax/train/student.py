@@ -49,10 +49,11 @@ def build_student(cfg: Config, run_dir: Path) -> tuple[T5Config, Any, Any | None
         from tinyllm_jax.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(str(tok_dir))  # a resumed demo run keeps its tokenizer
-    elif tokenizer is None and cfg.demo:
+    elif tokenizer is None and (cfg.demo or m.train_tokenizer_vocab):
         tokenizer = _train_demo_tokenizer(cfg, tok_dir)
     elif tokenizer is None:
-        raise ConfigError("model.tokenizer: required when model.init is not set (an HF tokenizer directory or hub id)")
+        raise ConfigError("model.tokenizer: required when model.init is not set (an HF tokenizer directory or hub id; "
+                          "or model.train_tokenizer_vocab to train one on the training records)")
     if len(tokenizer) > t5cfg.vocab_size:
         raise ConfigError(f"model.vocab_size={t5cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     tokenizer.save_pretrained(str(tok_dir))
@@ -68,4 +69,5 @@ def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
     records, _ = read_jsonl(cfg.data.train[0])
     texts = demo_texts(records, extra=[s.prefix for s in cfg.data.streams])
     # BPE: on a corpus this small, unigram stops near single characters
-    return train_sentencepiece(texts, tok_dir, vocab_size=int(cfg.demo.get("vocab_size", 256)), model_type="bpe")
+    vocab = cfg.model.train_tokenizer_vocab or int(cfg.demo.get("vocab_size", 256))
+    return train_sentencepiece(texts, tok_dir, vocab_size=vocab, model_type="bpe")

@@ -1,0 +1,70 @@
+"""`tinyllm recipe`: each method as one resumable command over one config. A method is a
+short module that lists its stages in order (tinyllm.py, step_by_step.py); the stage
+plumbing (done records, resume, reruns on changed settings, --dry-run) is stages.py, and
+the stage functions they share are common.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tinyllm_jax.recipes.config import RecipeConfig, load_recipe
+from tinyllm_jax.recipes.stages import Stage, run_stages
+
+
+def method_stages(cfg: RecipeConfig) -> list[Stage]:
+    from tinyllm_jax.recipes import step_by_step, tinyllm
+
+    methods = {"tinyllm": tinyllm, "step_by_step": step_by_step}
+    return methods[cfg.method].stages(cfg, Path(cfg.run_dir))
+
+
+def recipe_command(config: str, overrides: list[str], dry_run: bool = False, only: str | None = None) -> dict[str, Any]:
+    """Runs (or, with `dry_run`, describes) the recipe; writes and prints its summary."""
+    from tinyllm_jax.config import save_config
+    from tinyllm_jax.train.loop import setup_logging
+
+    setup_logging()
+    cfg = load_recipe(config, overrides)
+    stages = method_stages(cfg)
+    run_dir = Path(cfg.run_dir)
+    if dry_run:
+        print(f"recipe {cfg.method} in {run_dir}: {len(stages)} stages")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "recipe.yaml")
+    statuses = run_stages(stages, run_dir, dry_run=dry_run, only=only)
+    if dry_run:
+        return {"stages": [s.__dict__ for s in statuses]}
+    summary = recipe_summary(cfg, stages)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(summary_line(summary))
+    return summary
+
+
+def recipe_summary(cfg: RecipeConfig, stages: list[Stage]) -> dict[str, Any]:
+    from tinyllm_jax.recipes.stages import read_record
+
+    run_dir = Path(cfg.run_dir)
+    out: dict[str, Any] = {"method": cfg.method, "run_dir": str(run_dir), "stages": {}}
+    for stage in stages:
+        record = read_record(run_dir, stage.name) or {}
+        out["stages"][stage.name] = {"status": record.get("status", "not run"), **(record.get("result") or {})}
+    evaluation = out["stages"].get("evaluate", {})
+    for key in ("step", "validation_accuracy", "test_accuracy"):
+        if key in evaluation:
+            out[key] = evaluation[key]
+    return out
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    done = sum(s["status"] == "done" for s in summary["stages"].values())
+    parts = [f"recipe {summary['method']}: {done}/{len(summary['stages'])} stages done"]
+    if "step" in summary:
+        parts.append(f"checkpoint step {summary['step']}")
+    for key in ("validation_accuracy", "test_accuracy"):
+        if summary.get(key) is not None:
+            parts.append(f"{key.replace('_', ' ')} {summary[key]:.4f}")
+    parts.append(f"summary {Path(summary['run_dir']) / 'summary.json'}")
+    return "; ".join(parts)

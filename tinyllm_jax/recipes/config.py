@@ -1,0 +1,82 @@
+"""A recipe config: a training config (`tinyllm_jax.config.Config`, every section reused as
+it is) plus what only a recipe has: the method, where its records come from, and the
+settings of its own stages. Paths between stages are never typed by the user: a recipe
+fills `data.train/validation/test`, `rationales.input/output` and the run directory of
+each training stage from its earlier stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from tinyllm_jax.config import Config, ConfigError, load_config
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class ConvertSource:
+    """Published reference data, converted by the recipe's first stage (`tinyllm convert`)."""
+
+    format: Literal["tinyllm", "dss", "mentor-kd", "fair"]
+    src: str  # the unpacked reference folder
+    dataset: str  # the converted dataset to use, e.g. obqa
+    # our split -> the converted split name; default: train, valid|validation|dev, test
+    splits: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SourceConfig:
+    """Where the records come from: exactly one of `demo`, `convert`, or record files."""
+
+    demo: Optional[dict[str, Any]] = None  # options of the embedded demo generator
+    convert: Optional[ConvertSource] = None
+    train: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    keep_rationales: bool = False  # demo: keep the generator's own rationales
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True  # write the selected checkpoint as a Hugging Face T5
+
+
+@dataclass
+class RecipeConfig(Config):
+    method: Literal["tinyllm", "step_by_step"] = "tinyllm"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    # the splits whose records get teacher rationales (only train's are trained on)
+    rationale_splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> RecipeConfig:
+    """Reads and checks a recipe config; the keys a recipe fills itself must be unset."""
+    cfg = load_config(path, list(overrides), cls=RecipeConfig)
+    check_recipe(cfg, str(path))
+    return cfg
+
+
+def check_recipe(cfg: RecipeConfig, where: str) -> None:
+    for split in SPLITS:
+        if getattr(cfg.data, split):
+            raise ConfigError(f"{where}: data.{split}: set by the recipe from its data stage; give the records "
+                              f"as source.{split} (or source.convert / source.demo) instead")
+    if cfg.rationales.input or cfg.rationales.output:
+        raise ConfigError(f"{where}: rationales.input/output: set by the recipe (its data stage's splits in, "
+                          "RUN_DIR/rationales out); remove them")
+    if cfg.demo:
+        raise ConfigError(f"{where}: demo: a recipe takes the demo generator's options as source.demo")
+    s = cfg.source
+    given = [name for name, on in (("source.demo", s.demo is not None), ("source.convert", s.convert is not None),
+                                   ("source.train", bool(s.train))) if on]
+    if len(given) != 1:
+        raise ConfigError(f"{where}: source: expected exactly one of source.demo, source.convert or record files "
+                          f"(source.train, .validation, .test), found {', '.join(given) or 'none'}")
+    if (s.validation or s.test) and not s.train:
+        raise ConfigError(f"{where}: source.train: required with source.validation / source.test")
+    bad = [x for x in cfg.rationale_splits if x not in SPLITS]
+    if bad:
+        raise ConfigError(f"{where}: rationale_splits: unknown split {bad[0]!r} (expected some of {list(SPLITS)})")
