@@ -193,3 +193,31 @@ def test_sigkill_mid_run_then_rerun_and_the_key_stays_secret(tmp_path, stub):
     for text in logs:
         assert secret.encode() not in text
     assert b"complete" in logs[-1] and all("t1" in r["rationales"] for r in recs)
+
+
+def test_no_prompt_is_built_from_a_partial_example_pool(tmp_path, stub):
+    """One of the four zero-shot example requests fails for good: three examples would be
+    enough for k = 2, but prompts built from them would differ from the rerun's, and every
+    record would be asked twice. So none is sent until the pool is complete."""
+    stub.faults = [None, None, None, 500, 500, 500]  # the 4th example request fails 3 times
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "concurrency": 1, "max_retries": 2},
+                       records=6, zero_shot_pool=4)
+    with pytest.raises(IncompleteRun):
+        generate_command(load(cfg))
+    counts = json.loads((tmp_path / "out" / "report.json").read_text())["teachers"]["t1"]["train"]
+    assert "1 of 4 in-context example requests failed" in counts["error"] and counts["pool"]["failed"] == 1
+    assert all(prompt_of(b).count("Question:") == 1 for b in stub.bodies)  # only example requests went out
+    report = generate_rationales(load(cfg))
+    assert report["complete"]
+    answered = collections.Counter(prompt_of(b) for b in stub.bodies[len(stub.bodies) - 7:])
+    assert len(answered) == 7 and max(answered.values()) == 1  # the missing example, then each record once
+    few = [b for b in stub.bodies if prompt_of(b).count("Question:") == 3]
+    assert len(few) == 6
+    _check_complete(tmp_path / "out", 6, 1)
+
+
+def test_several_greedy_samples_warn(tmp_path, stub, caplog):
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "num_samples": 3}, records=2, examples=3)
+    with caplog.at_level(logging.WARNING, logger="tinyllm.rationales"):
+        generate_rationales(load(cfg))
+    assert "num_samples=3 at temperature 0" in caplog.text

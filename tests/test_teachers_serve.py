@@ -3,59 +3,18 @@
 
 from __future__ import annotations
 
-import os
+import json
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+from collections import Counter
 
 import pytest
 
-from test_teachers_support import (RecordingProxy, free_port, get_json, load, make_tiny_causal_lm, prompt_of,
-                                   read_lines, wait_for, write_config)
+from test_teachers_support import (RecordingProxy, Server, load, make_tiny_causal_lm, prompt_of, read_lines,
+                                   write_config)
 from tinyllm_jax.teachers.generate import generate_rationales
 
 pytest.importorskip("fastapi", reason="transformers serve needs the extra transformers[serving]")
 pytest.importorskip("uvicorn", reason="transformers serve needs the extra transformers[serving]")
-
-
-class Server:
-    """`transformers serve MODEL_DIR` on a loopback port; `start`, `kill` and start again."""
-
-    def __init__(self, model_dir: Path, log: Path):
-        self.model_dir, self.log = model_dir, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self, wait: bool = True) -> None:
-        exe = Path(sys.executable).with_name("transformers")  # the CLI of this environment's transformers
-        exe = str(exe) if exe.exists() else shutil.which("transformers")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([exe, "serve", str(self.model_dir), "--device", "cpu", "--host", "127.0.0.1",
-                                          "--port", str(self.port), "--dtype", "float32"],
-                                         env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.starts += 1
-        if wait:
-            self.wait_healthy()
-
-    def wait_healthy(self) -> None:
-        def healthy() -> bool:
-            assert self.proc.poll() is None, f"transformers serve exited: {self.log.read_text()[-2000:]}"
-            try:
-                return get_json(f"http://127.0.0.1:{self.port}/health").get("status") == "ok"
-            except OSError:
-                return False
-
-        wait_for(healthy, timeout=120, what="transformers serve to answer /health")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +78,66 @@ def test_server_killed_mid_run_and_restarted_run_completes(tmp_path, server):
     assert [len(r["rationales"]["t1"]) for r in recs] == [2] * 6
     keys = [(e["record_id"], e["sample"]) for e in read_lines(tmp_path / "out" / "cache.jsonl")]
     assert sorted(keys) == sorted({(r["id"], s) for r in recs for s in range(2)})
+
+
+def test_pool_collection_interrupted_then_rerun_answers_every_request_once(tmp_path, server):
+    """The server dies while the zero-shot in-context examples are collected and comes back
+    while the run goes on: no prompt that shows examples is sent from a partial pool, the
+    run ends incomplete, and the rerun sends each missing request once."""
+    def on_answer(n):
+        if n == 3:  # three of the four example requests answered: kill, restart (seconds to load)
+            server.kill()
+            server.start(wait=False)
+
+    proxy = RecordingProxy(server.url, on_answer=on_answer)
+    try:
+        cfg = write_config(tmp_path, _teacher(server, proxy.url, concurrency=1, backoff_s=0.05, max_backoff_s=0.1,
+                                              max_retries=2), records=6, zero_shot_pool=4)
+        first = generate_rationales(load(cfg))
+        server.wait_healthy()
+        assert not first["complete"] and "in-context example requests failed" in first["teachers"]["t1"]["train"]["error"]
+        assert len(proxy.answered) == 3  # nothing was asked with a partial pool
+        second = generate_rationales(load(cfg))
+    finally:
+        proxy.close()
+    assert second["complete"], second
+    prompts = Counter(prompt_of(b) for b in proxy.answered)
+    assert len(proxy.answered) == 4 + 6 and max(prompts.values()) == 1
+
+
+def test_recipe_with_a_served_teacher_completes_after_a_server_kill(tmp_path, server, capsys):
+    """`tinyllm recipe` with one OpenAI-compatible teacher (`transformers serve`): the server
+    is killed mid-stage, the recipe stops with one error line; restarted, the rerun
+    completes every stage and no request was answered twice."""
+    from test_recipes import TINY_RECIPE, write_recipe
+    from tinyllm_jax.cli import main
+
+    def on_answer(n):
+        if n == 8:
+            server.kill()
+
+    proxy = RecordingProxy(server.url, on_answer=on_answer)
+    teacher = {**_teacher(server, proxy.url), "name": "llm", "concurrency": 2, "backoff_s": 0.05,
+               "max_backoff_s": 0.1, "max_retries": 1, "max_consecutive_failures": 3}
+    run_dir = tmp_path / "run"
+    cfg = write_recipe(tmp_path / "r.yaml", run_dir, source={"demo": {"n_train": 24, "n_valid": 8, "n_test": 8}},
+                       rationales={"num_examples": 2, "zero_shot_pool": 4, "progress": False, "teachers": [teacher]},
+                       rationale_splits=["train"],
+                       data={**TINY_RECIPE["data"], "streams": [TINY_RECIPE["data"]["streams"][0],
+                                                                {"name": "llm", "prefix": "explain: ", "teacher": "llm"}]})
+    try:
+        assert main(["recipe", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("tinyllm recipe: error: stage rationales: ") and "rerun" in err, err
+        answered_before = len(proxy.answered)
+        server.start()
+        assert main(["recipe", str(cfg)]) == 0
+        out = capsys.readouterr().out
+    finally:
+        proxy.close()
+    assert "stage data: done, skipped" in out and "stage rationales: resuming" in out
+    assert 8 <= answered_before < 4 + 24
+    prompts = Counter((prompt_of(b), b.get("seed")) for b in proxy.answered)
+    assert len(proxy.answered) == 4 + 24 and max(prompts.values()) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert all(s["status"] == "done" for s in summary["stages"].values()) and "test_accuracy" in summary

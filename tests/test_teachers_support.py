@@ -5,8 +5,12 @@ Everything listens on 127.0.0.1 only, on a free port the OS picks."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -177,10 +181,13 @@ class StubServer:
 
 
 class RecordingProxy:
-    """Forwards POSTs to `target` (a loopback base URL) and keeps the bodies it forwarded."""
+    """Forwards POSTs to `target` (a loopback base URL) and keeps the bodies it forwarded, and
+    in `answered` those the target answered with 200; `on_answer(n)` runs after the n-th."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, on_answer: Callable[[int], None] | None = None):
         self.bodies: list[dict[str, Any]] = []
+        self.answered: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -196,6 +203,12 @@ class RecordingProxy:
                               headers={"Content-Type": "application/json"})
                 with urlopen(req, timeout=120) as r:
                     status, data = r.status, r.read()
+                if status == 200:
+                    with proxy._lock:
+                        proxy.answered.append(json.loads(raw))
+                        n = len(proxy.answered)
+                    if on_answer is not None:
+                        on_answer(n)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -243,6 +256,47 @@ def make_tiny_causal_lm(out_dir: Path) -> Path:
     model.generation_config.eos_token_id = None
     model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- transformers serve
+
+
+class Server:
+    """`transformers serve MODEL_DIR` on a loopback port; `start`, `kill` and start again."""
+
+    def __init__(self, model_dir: Path, log: Path):
+        self.model_dir, self.log = model_dir, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, wait: bool = True) -> None:
+        exe = Path(sys.executable).with_name("transformers")  # the CLI of this environment's transformers
+        exe = str(exe) if exe.exists() else shutil.which("transformers")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([exe, "serve", str(self.model_dir), "--device", "cpu", "--host", "127.0.0.1",
+                                          "--port", str(self.port), "--dtype", "float32"],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.starts += 1
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self) -> None:
+        def healthy() -> bool:
+            assert self.proc.poll() is None, f"transformers serve exited: {self.log.read_text()[-2000:]}"
+            try:
+                return get_json(f"http://127.0.0.1:{self.port}/health").get("status") == "ok"
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout=120, what="transformers serve to answer /health")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
 
 
 def get_json(url: str, timeout: float = 2.0) -> dict[str, Any]:

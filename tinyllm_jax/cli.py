@@ -131,7 +131,13 @@ def _maybe_init_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # overrides may follow options too (`recipe C.yaml --dry-run run_dir=x`)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command in ("train", "eval", "recipe"):
             _maybe_init_distributed()

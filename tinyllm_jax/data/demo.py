@@ -158,16 +158,21 @@ def write_demo_data(
 
 
 def write_demo_from_options(out_dir: str | Path, options: dict[str, Any]) -> dict[str, str]:
-    """`write_demo_data` with the config's `demo:` mapping, each key checked: an unknown key
-    or a value of the wrong type raises UserError naming `demo.<key>`."""
+    """`write_demo_data` with the config's `demo:` mapping, checked by `check_demo_options`."""
+    check_demo_options(options)
+    return write_demo_data(out_dir, **options)
+
+
+def check_demo_options(options: dict[str, Any], where: str = "demo") -> None:
+    """Each key of a `demo:` mapping checked: an unknown key or a value of the wrong type
+    raises UserError naming `<where>.<key>`."""
     known = {"seed": int, "n_train": int, "n_valid": int, "n_test": int, "terse_error_rate": (int, float)}
     for key, value in options.items():
         if key not in known:
-            raise UserError(f"demo.{key}: unknown key (known keys: {', '.join(known)})")
+            raise UserError(f"{where}.{key}: unknown key (known keys: {', '.join(known)})")
         if isinstance(value, bool) or not isinstance(value, known[key]):
             kind = "an integer" if known[key] is int else "a number"
-            raise UserError(f"demo.{key}: expected {kind}, found {value!r}")
-    return write_demo_data(out_dir, **options)
+            raise UserError(f"{where}.{key}: expected {kind}, found {value!r}")
 
 
 def demo_texts(records: Iterable[dict[str, Any]], extra: Sequence[str] = ()) -> list[str]:

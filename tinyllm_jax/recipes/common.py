@@ -185,6 +185,8 @@ def rationales_stage(cfg: RecipeConfig, run_dir: Path, records_from: str, name: 
     def plan() -> str:
         from tinyllm_jax.teachers.generate import plan_rationales
 
+        if not (src / MANIFEST).is_file():
+            return _estimate_requests(cfg)
         lines = []
         total = 0
         for teacher, per_file in plan_rationales(rationales_config()).items():
@@ -198,6 +200,34 @@ def rationales_stage(cfg: RecipeConfig, run_dir: Path, records_from: str, name: 
     settings = {"rationales": settings_of(dataclasses.replace(cfg.rationales, input=[], output="")),
                 "splits": cfg.rationale_splits, "task": cfg.rationales.task or cfg.eval.task}
     return Stage(name, run, settings, writes=[out / MANIFEST], reads=[src / MANIFEST], fresh_on_change=False, plan=plan)
+
+
+def _estimate_requests(cfg: RecipeConfig) -> str:
+    """Before the records exist: the requests their counts imply (nothing is cached yet)."""
+    counts = source_counts(cfg)
+    if counts is None:
+        return "known once the data stage has converted the records"
+    rc = cfg.rationales
+    total = 0
+    for t in rc.teachers:
+        for split in cfg.rationale_splits:
+            n = counts.get(split, 0)
+            pool = min(n, rc.zero_shot_pool) if rc.num_examples > 0 and not rc.examples_file and n else 0
+            total += n * t.num_samples + pool
+    return f"{total} teacher requests to send (from the source's record counts)"
+
+
+def source_counts(cfg: RecipeConfig) -> dict[str, int] | None:
+    """Records per split that the data stage will write, when known without running it."""
+    src = cfg.source
+    if src.demo is not None:
+        return {"train": int(src.demo.get("n_train", 2000)), "validation": int(src.demo.get("n_valid", 200)),
+                "test": int(src.demo.get("n_test", 200))}
+    if src.convert is not None:
+        return None
+    from tinyllm_jax.data.sources import load_records
+
+    return {s: len(load_records(getattr(src, s), "files")[0]) for s in SPLITS if getattr(src, s)}
 
 
 # --------------------------------------------------------------------------- student

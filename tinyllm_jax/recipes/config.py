@@ -75,6 +75,10 @@ def check_recipe(cfg: RecipeConfig, where: str) -> None:
     if len(given) != 1:
         raise ConfigError(f"{where}: source: expected exactly one of source.demo, source.convert or record files "
                           f"(source.train, .validation, .test), found {', '.join(given) or 'none'}")
+    if s.demo is not None:
+        from tinyllm_jax.data.demo import check_demo_options
+
+        check_demo_options({k: v for k, v in s.demo.items() if k != "vocab_size"}, "source.demo")
     if (s.validation or s.test) and not s.train:
         raise ConfigError(f"{where}: source.train: required with source.validation / source.test")
     bad = [x for x in cfg.rationale_splits if x not in SPLITS]

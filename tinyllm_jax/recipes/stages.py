@@ -47,7 +47,8 @@ class Stage:
     reads: list[Path] = field(default_factory=list)  # files it needs before it starts
     user_files: list[Path] = field(default_factory=list)  # user inputs: their content is fingerprinted
     fresh_on_change: bool = True
-    plan: Callable[[], str] | None = None  # --dry-run: what is left to do, e.g. requests to send
+    plan: Callable[[], str] | None = None  # --dry-run: what is left to do (e.g. requests to send), even
+    # before the earlier stages have run
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:
@@ -198,5 +199,4 @@ def _describe(stage: Stage, st: StageStatus, echo: Callable[[str], None]) -> Non
         echo(f"  reads:  {', '.join(str(p) for p in stage.reads)}")
     echo(f"  writes: {', '.join(str(p) for p in stage.writes)}")
     if stage.plan is not None and st.state != "done":
-        ready = all(Path(p).exists() for p in stage.reads)
-        echo(f"  to do:  {stage.plan() if ready else 'known once the earlier stages have run'}")
+        echo(f"  to do:  {stage.plan()}")

@@ -26,7 +26,8 @@ from tinyllm_jax.errors import UserError
 from tinyllm_jax.eval.scoring import extract, get_task, is_correct
 from tinyllm_jax.teachers.backends import Job, OpenAICompatible, RunStats, read_api_key
 from tinyllm_jax.teachers.cache import ResultCache, entry_key
-from tinyllm_jax.teachers.prompts import PromptTemplate, cut_at_stop, load_template, pick_examples, request_hash
+from tinyllm_jax.teachers.prompts import (PromptTemplate, cut_at_stop, load_template, pick_examples, request_hash,
+                                          without_answer)
 from tinyllm_jax.teachers.report import format_report, new_counts, tally_answers
 
 
@@ -276,10 +277,11 @@ class _TeacherRun:
 
         def on_done(job: Job, raw: str) -> None:
             rec = ds.by_id[job.info["record_id"]]
-            rationale = cut_at_stop(raw, self.stop)
-            answer = extract(self.task, rationale, rec["choices"]) if rationale else None
+            said = cut_at_stop(raw, self.stop)
+            answer = extract(self.task, said, rec["choices"]) if said else None
+            rationale = without_answer(said) if self.template.strip_answer else said
             entry = {**job.info, "rationale": rationale, "answer": answer,
-                     "correct": None if answer is None else is_correct(self.task, rationale, rec["answer"], rec["choices"]),
+                     "correct": None if answer is None else is_correct(self.task, said, rec["answer"], rec["choices"]),
                      "raw": raw, "settings": self.settings, "time": round(time.time(), 3)}
             self.cache.add(entry)
             counts["new"] += 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import string
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -60,8 +61,22 @@ BUILTIN_TEMPLATES: dict[str, dict[str, Any]] = {
         "separator": "\n\n",
         "stop": ["\nQuestion:"],
     },
+    # Distilling step-by-step's few-shot chain of thought (Wei et al.'s CoS-E layout): the
+    # teacher reasons, then states its answer; the answer sentence is kept as the parsed
+    # teacher answer and cut from the rationale the student learns to explain with.
+    "few_shot_cot": {
+        "example": "Q: {{ question }}\n"
+                   "{% if context %}Context: {{ context }}\n{% endif %}"
+                   "{% if choices %}Answer Choices:\n{% for c in choices %}({{ 'abcdefghijklmnopqrstuvwxyz'[loop.index0] }}) "
+                   "{{ c }}\n{% endfor %}{% endif %}A: {{ rationale }}",
+        "separator": "\n\n",
+        "stop": ["\nQ:"],
+        "strip_answer": True,
+    },
 }
-_TEMPLATE_KEYS = {"example", "separator", "header", "stop"}
+_TEMPLATE_KEYS = {"example", "separator", "header", "stop", "strip_answer"}
+_ANSWER_SENTENCE = re.compile(r"(?:\b(?:so|thus|therefore|hence)\b,?\s*)?\bthe\s+(?:final\s+)?answer\s+(?:is|will\s+be)\b",
+                              re.I)
 
 
 @dataclass(frozen=True)
@@ -74,9 +89,14 @@ class PromptTemplate:
     header: str
     stop: tuple[str, ...]
     uses_gold: bool
+    strip_answer: bool = False  # the stored rationale ends before its answer sentence
 
     def block(self, record: Mapping[str, Any], rationale: str) -> str:
-        """One record rendered with its rationale (an in-context example)."""
+        """One record rendered with its rationale (an in-context example). With
+        `strip_answer`, an example whose rationale lacks its answer sentence gets one, so
+        the teacher sees where to state its answer."""
+        if self.strip_answer and not _ANSWER_SENTENCE.search(rationale):
+            rationale = f"{rationale.rstrip()} So the answer is {template_vars(record, '', True)['answer_label']}."
         return self._render(record, rationale).strip()
 
     def query(self, record: Mapping[str, Any]) -> str:
@@ -126,9 +146,11 @@ def load_template(name: str, configured: Mapping[str, Mapping[str, Any]]) -> Pro
     for k in ("separator", "header"):
         if not isinstance(spec.get(k, ""), str):
             raise ConfigError(f"{key}.{k}: expected a string, found {spec[k]!r:.60}")
+    if not isinstance(spec.get("strip_answer", False), bool):
+        raise ConfigError(f"{key}.strip_answer: expected true or false, found {spec['strip_answer']!r:.60}")
     template = PromptTemplate(
         name=name, example=compiled, separator=spec.get("separator", "\n\n"), header=spec.get("header", ""),
-        stop=tuple(stop), uses_gold=bool(names & _GOLD_VARS),
+        stop=tuple(stop), uses_gold=bool(names & _GOLD_VARS), strip_answer=spec.get("strip_answer", False),
     )
     probe = template._render({"id": "probe", "question": "q", "answer": "a", "choices": ["a", "b"]}, _MARK)
     if _MARK not in probe or probe.split(_MARK, 1)[1].strip():
@@ -192,6 +214,13 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """The text before the first stop string (servers that ignore `stop` run on past it)."""
     end = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
     return text[:end].strip()
+
+
+def without_answer(rationale: str) -> str:
+    """The rationale before its last answer sentence ("So the answer is (b).", "The answer
+    is 42."); unchanged when it has none."""
+    matches = list(_ANSWER_SENTENCE.finditer(rationale))
+    return rationale[: matches[-1].start()].strip() if matches else rationale
 
 
 def request_hash(prompt: str, settings: Mapping[str, Any]) -> str:

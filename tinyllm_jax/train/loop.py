@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -156,13 +157,25 @@ class Trainer:
 # --------------------------------------------------------------------------- the loop
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test or a progress bar may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Our loggers print to stderr whatever other libraries did to the root logger."""
     for name in ("tinyllm", "tinyllm_jax"):
         logger = logging.getLogger(name)
         logger.setLevel(level)
         if not logger.handlers:
-            handler = logging.StreamHandler()
+            handler = _StderrHandler()
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
             logger.addHandler(handler)
         logger.propagate = False
