@@ -201,3 +201,36 @@ def test_sigkill_during_training_then_rerun_equals_an_uninterrupted_recipe(tmp_p
         np.testing.assert_array_equal(a, b)
     assert json.loads((ref / "summary.json").read_text())["test_accuracy"] == \
         json.loads((killed / "summary.json").read_text())["test_accuracy"]
+
+
+def test_step_by_step_demo_recipe_cuts_the_answer_from_rationales_and_trains_on_teacher_labels(tmp_path):
+    run_dir = tmp_path / "run"
+    teacher = {"name": "terse", "backend": "demo", "model": "terse", "template": "few_shot_cot"}
+    cfg = write_recipe(tmp_path / "r.yaml", run_dir, method="step_by_step", rationale_splits=["train"],
+                       rationales={**TINY_RECIPE["rationales"], "teachers": [teacher]}, export={"enabled": False},
+                       data={**TINY_RECIPE["data"], "answer_source": "terse",
+                             "streams": [{"name": "answer", "prefix": "predict: ", "weight": 0.5},
+                                         {"name": "terse", "prefix": "explain: ", "weight": 0.5, "teacher": "terse"}]})
+    assert main(["recipe", str(cfg)]) == 0
+    recs = [json.loads(l) for l in (run_dir / "rationales" / "train.jsonl").read_text().splitlines()]
+    for r in recs:
+        (rationale,), (label,) = r["rationales"]["terse"], r["teacher_answers"]["terse"]
+        assert "answer is" not in rationale and rationale.endswith(f"= {label}.")
+        assert not r["provenance"]["terse"]["gold_in_prompt"]
+    assert 0 < sum(r["teacher_answers"]["terse"][0] != r["answer"] for r in recs) < 40
+    assert (run_dir / "evaluate" / "summary.json").is_file() and not (run_dir / "export").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.streams.1.teacher=nobody", "the rationale stream's teacher 'nobody' is not the configured teacher"),
+    ("data.answer_source=llama", "data.answer_source: expected 'gold' or the teacher 'careful'"),
+])
+def test_step_by_step_checks_its_one_teacher(tmp_path, capsys, override, message):
+    teacher = {"name": "careful", "backend": "demo", "model": "careful", "template": "few_shot_cot"}
+    cfg = write_recipe(tmp_path / "r.yaml", tmp_path / "run", method="step_by_step",
+                       rationales={**TINY_RECIPE["rationales"], "teachers": [teacher]},
+                       data={**TINY_RECIPE["data"], "streams": [{"name": "answer", "prefix": "predict: ", "weight": 0.5},
+                                                                {"name": "careful", "prefix": "explain: ", "weight": 0.5,
+                                                                 "teacher": "careful"}]})
+    assert main(["recipe", str(cfg), override]) == 2
+    assert message in capsys.readouterr().err
