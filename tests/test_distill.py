@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -136,11 +137,15 @@ def test_teacher_stays_bitwise_frozen_and_has_no_optimizer_state(models):
     assert len(jax.tree.leaves(trainer.state["opt_state"])) == len(jax.tree.leaves(plain.state["opt_state"]))
     start = jax.tree.map(np.array, trainer.state["params"])
     kd = []
-    for batch in _batches(tok, 3):
-        trainer.state, metrics = trainer.step_fn(trainer.state, trainer.put(batch))
-        kd.append(float(metrics["kd_loss"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in _batches(tok, 3):
+            trainer.state, metrics = trainer.step_fn(trainer.state, trainer.put(batch))
+            kd.append(float(metrics["kd_loss"]))
+    # only the state is donated: a donated teacher draws "Some donated buffers were not usable"
+    assert not [w for w in caught if "donat" in str(w.message)], [str(w.message)[:80] for w in caught]
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.teacher.params)):
-        np.testing.assert_array_equal(x, np.asarray(y))  # also: never donated (a donated array reads as deleted)
+        np.testing.assert_array_equal(x, np.asarray(y))
     moved = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(trainer.state["params"]))]
     assert all(moved)
     assert kd[-1] < kd[0]  # the student moves towards the teacher
