@@ -62,6 +62,9 @@ class StreamConfig:
     prefix: str
     weight: float = 1.0
     teacher: Optional[str] = None  # None: the answer stream; else a key of `rationales`
+    # a teacher stream's target text: {rationale} (one sample) and {answer} (the record's gold
+    # answer), e.g. Mentor-KD's "{rationale} --> {answer}"
+    target: str = "{rationale}"
 
 
 @dataclass
@@ -143,6 +146,23 @@ class EvalConfig:
     max_new_tokens: int = 64
     batch_size: int = 64
     max_examples: Optional[int] = None  # cap validation size during training
+    stream: Optional[str] = None  # the stream whose prefix the student answers with; None: the answer stream
+
+
+@dataclass
+class DistillConfig:
+    """Online logit distillation from a frozen teacher T5 run in the train step (Mentor-KD's
+    soft labels): loss = sum_s w_s * CE_s + weight * KD, KD a token mean over the target
+    tokens of `streams`. Off while `teacher` is null."""
+
+    teacher: Optional[str] = None  # an HF T5 directory, a hub id or a training run directory
+    weight: float = 0.3  # Mentor-KD's lambda (its CE weight 1 - lambda is the stream's weight)
+    temperature: float = 2.0
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"  # forward: KL(teacher || student)
+    jsd_beta: float = 0.5  # jsd: beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s
+    scale_by_t2: bool = False  # multiply KD by temperature**2 (Hinton et al.); the reference does not
+    streams: list[str] = field(default_factory=list)  # the streams KD applies to; empty: all
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the teacher's parameters and compute
 
 
 @dataclass
@@ -214,6 +234,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     rationales: RationalesConfig = field(default_factory=RationalesConfig)
     demo: dict[str, Any] = field(default_factory=dict)  # options of the embedded demo data
 

@@ -4,6 +4,8 @@ Each stream of `data.streams` turns every record into examples (encoder ids, dec
 
     answer stream    prefix + student input  ->  answer (gold, or a teacher's parsed answer)
     teacher stream   prefix + student input  ->  rationale, one example per rationale sample
+                                                 (in the stream's `target` form, e.g.
+                                                 "{rationale} --> {answer}")
 
 The student input is the TinyLLM reference layout, with an optional context first:
 
@@ -23,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,6 +57,37 @@ def step_by_step_streams(alpha: float = 0.5, teacher: str = "palm") -> list[Stre
     """Distilling step-by-step: `predict:` weighted alpha, `explain:` weighted 1 - alpha."""
     return [StreamConfig("answer", "predict: ", alpha),
             StreamConfig(teacher, "explain: ", 1.0 - alpha, teacher=teacher)]
+
+
+TARGET_FIELDS = ("rationale", "answer")
+_PLACEHOLDER = re.compile(r"\{(\w*)\}")
+DEFAULT_TARGET = "{rationale}"
+
+
+def check_target(stream: StreamConfig, index: int) -> None:
+    """ConfigError unless a teacher stream's `target` names {rationale} and only known fields
+    (an answer stream keeps the default: its target is the answer)."""
+    key = f"data.streams[{index}].target ({stream.name!r})"
+    if stream.teacher is None:
+        if stream.target != DEFAULT_TARGET:
+            raise ConfigError(f"{key}: a target form applies to teacher streams; an answer stream's target "
+                              f"is the answer, found {stream.target!r}")
+        return
+    names = _PLACEHOLDER.findall(stream.target)
+    unknown = [n for n in names if n not in TARGET_FIELDS]
+    if unknown or "rationale" not in names:
+        found = f"unknown field {{{unknown[0]}}}" if unknown else "no {rationale}"
+        raise ConfigError(f"{key}: expected a form of {{rationale}} and optionally {{answer}}, e.g. "
+                          f"'{{rationale}} --> {{answer}}'; found {stream.target!r} ({found})")
+
+
+def render_target(form: str, rationale: str, answer: str) -> str:
+    """`form` with {rationale} and {answer} filled in one pass (a rationale holding the text
+    "{answer}" stays as it is); the default form gives the rationale unchanged."""
+    if form == DEFAULT_TARGET:
+        return rationale
+    values = {"rationale": rationale, "answer": answer}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], form)
 
 
 def stream_weights(streams: Sequence[StreamConfig]) -> np.ndarray:
@@ -192,6 +226,7 @@ def check_streams(streams: Sequence[StreamConfig], records: Sequence[dict[str, A
         raise ConfigError(f"data.streams: stream names must be unique, found {dup[0]!r} twice")
     found = sorted({t for r in records for t in r.get("rationales", {})})
     for i, s in enumerate(streams):
+        check_target(s, i)
         if s.teacher is not None and s.teacher not in found:
             raise ConfigError(
                 f"data.streams[{i}] ({s.name!r}): teacher {s.teacher!r} has no rationale in any "
@@ -323,7 +358,7 @@ class _ExampleBuilder:
             if not samples:
                 st.records_without_rationale += 1
             owners += [i] * len(samples)
-            texts += samples
+            texts += [render_target(stream.target, x, r["answer"]) for x in samples]
         by_record: dict[int, list[list[int]]] = {}
         for i, ids in zip(owners, self._ids(texts)):
             by_record.setdefault(i, []).append(ids)

@@ -1,10 +1,12 @@
-"""Evaluation: greedy-decode the answer stream of a split under the training mesh, score
-it with the dataset's answer type, write predictions and a summary. The same code runs
+"""Evaluation: greedy-decode the answer stream of a split (or, with `eval.stream`, a rationale
+stream, scored by the answer its rationale ends with) under the training mesh, score it with
+the dataset's answer type, write predictions and a summary. The same code runs
 inside training (validation, then test once with the selected checkpoint) and in
 `tinyllm eval`, so both report the same accuracy for the same checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -24,7 +26,21 @@ def answer_stream(cfg: Config):
     for s in cfg.data.streams:
         if s.teacher is None:
             return s
-    raise ConfigError("data.streams: evaluation needs an answer stream (a stream without `teacher`)")
+    raise ConfigError("data.streams: evaluation needs an answer stream (a stream without `teacher`), "
+                      "or eval.stream naming the stream to answer with")
+
+
+def eval_stream(cfg: Config):
+    """The stream whose prefix the student answers with: `eval.stream`, else the answer stream.
+    A rationale stream is decoded as an answer stream is: one input a record, with or without
+    rationales, scored against the gold answer."""
+    if cfg.eval.stream is None:
+        return answer_stream(cfg)
+    for s in cfg.data.streams:
+        if s.name == cfg.eval.stream:
+            return dataclasses.replace(s, teacher=None, target="{rationale}")
+    raise ConfigError(f"eval.stream: no stream named {cfg.eval.stream!r}; data.streams: "
+                      f"{', '.join(s.name for s in cfg.data.streams)}")
 
 
 class Evaluation:
@@ -42,7 +58,7 @@ class Evaluation:
             records, _ = load_split(self.cfg.data, split)
             if self.cfg.eval.max_examples and split == "validation":
                 records = records[: self.cfg.eval.max_examples]
-            stream = answer_stream(self.cfg)
+            stream = eval_stream(self.cfg)
             ex = build_examples(records, [stream], self.tokenizer, self.cfg.data.max_input_length,
                                 self.cfg.data.max_target_length, "gold", self.cfg.data.lenient)
             kept = [records[int(i)] for i in ex.record_index]

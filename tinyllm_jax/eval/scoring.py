@@ -8,7 +8,8 @@
     text      exact text after normalisation (case, spacing, surrounding punctuation)
 
 The answer stream's output is usually the bare answer; a rationale stream's output is
-scored by its final answer ("So the answer is (d) ...", "the answer is 42", "#### 42"),
+scored by its final answer ("So the answer is (d) ...", "the answer is 42", "#### 42",
+Mentor-KD's "... --> 42"),
 found by `final_answer`, with a fallback per type (the last "(x)" letter, the last "= N").
 Gold answers go through the same extraction, so "A. ignore", "B" and "ignore" all name
 the same choice. Written by hand: no library parses answers out of free-form model text.
@@ -33,8 +34,9 @@ MAX_EXPONENT = 64
 
 # A model (or a few-shot teacher) that keeps writing starts a new "Q:" block: ignore it.
 _CONTINUATION = re.compile(r"\n\s*Q:")
-# "answer must be" / "answer would be" open reasoning in real teacher text, so only these count.
-_ANSWER_PHRASE = re.compile(r"\banswer\s+is\b|\banswer\s*:|####", re.I)
+# "answer must be" / "answer would be" open reasoning in real teacher text, so only these count;
+# "-->" ends Mentor-KD's "{chain} --> {answer}" targets.
+_ANSWER_PHRASE = re.compile(r"\banswer\s+is\b|\banswer\s*:|####|-->", re.I)
 _EDGE_PUNCT = " \t\n.,;:!?\"'`"
 
 

@@ -27,6 +27,7 @@ from tinyllm_jax.errors import UserError
 from tinyllm_jax.eval.evaluate import Evaluation
 from tinyllm_jax.model.t5 import T5, T5Config
 from tinyllm_jax.train import loss as loss_lib
+from tinyllm_jax.train.distill import KDSpec, Teacher, kd_spec
 from tinyllm_jax.runtime import sharding
 from tinyllm_jax.runtime.checkpoint import Checkpointer
 from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device, train_flops_per_step
@@ -44,48 +45,76 @@ class NonFiniteLoss(UserError):
 # --------------------------------------------------------------------------- the step
 
 
-def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_loss: float) -> Callable:
+def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_loss: float,
+                 kd: KDSpec | None = None) -> Callable:
+    """(params, batch, counts_S, rng) -> (total, per-stream CE sums). With `kd` the function
+    takes the teacher's parameters last, runs the teacher on the same packed batch and
+    returns (total, (CE sums, KD divergence sums)), total including kd.weight * KD."""
     model = T5(t5cfg, deterministic=t5cfg.dropout_rate == 0.0)
     num_streams = weights.shape[0]
 
-    def loss_fn(params, batch, counts_S, rng):
+    def student(params, batch, rng):
         logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), rngs={"dropout": rng})
         tokens = loss_lib.token_losses(logits, batch["decoder_target_tokens"], label_smoothing, z_loss)
         sums_S = loss_lib.stream_sums(tokens, batch["decoder_stream_ids"], batch["decoder_segment_ids"] > 0, num_streams)
+        return logits, sums_S
+
+    def loss_fn(params, batch, counts_S, rng):
+        _, sums_S = student(params, batch, rng)
         total, _ = loss_lib.weighted_loss(sums_S, counts_S, weights)
         return total, sums_S
 
-    return loss_fn
+    if kd is None:
+        return loss_fn
+    teacher = T5(kd.teacher_cfg, deterministic=True)
+
+    def kd_loss_fn(params, batch, counts_S, rng, teacher_params):
+        logits, sums_S = student(params, batch, rng)
+        teacher_logits = jax.lax.stop_gradient(
+            teacher.apply({"params": teacher_params}, *(batch[k] for k in MODEL_INPUTS)))
+        div = loss_lib.token_divergences(logits, teacher_logits, kd.divergence, kd.temperature, kd.jsd_beta)
+        kd_sums_S = loss_lib.stream_sums(div, batch["decoder_stream_ids"], batch["decoder_segment_ids"] > 0, num_streams)
+        total, _ = loss_lib.weighted_loss(sums_S, counts_S, weights)
+        total = total + kd.weight * kd.scale * loss_lib.kd_mean(kd_sums_S, counts_S, kd.streams_S())
+        return total, (sums_S, kd_sums_S)
+
+    return kd_loss_fn
 
 
 def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     weights: np.ndarray, accum_steps: int, seed: int, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, prng_impl: str = "threefry2x32") -> Callable:
+                    z_loss: float = 0.0, prng_impl: str = "threefry2x32", kd: KDSpec | None = None) -> Callable:
     """state, batch -> state, metrics. With `accum_steps` > 1 every batch array has a
-    leading microbatch axis; the loss is normalised over the whole accumulated batch."""
+    leading microbatch axis; the loss is normalised over the whole accumulated batch.
+    With `kd`: state, batch, teacher_params -> state, metrics (metrics gain `kd_loss`)."""
     weights = jnp.asarray(weights, jnp.float32)
     num_streams = weights.shape[0]
-    loss_fn = make_loss_fn(t5cfg, weights, label_smoothing, z_loss)
+    loss_fn = make_loss_fn(t5cfg, weights, label_smoothing, z_loss, kd)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     base_key = jax.random.key(seed, impl=prng_impl)
 
-    def step_fn(state, batch):
+    def step_fn(state, batch, *teacher):
         params, step = state["params"], state["step"]
         rng = jax.random.fold_in(base_key, step)
         flat = batch if accum_steps == 1 else jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)
         counts_S = loss_lib.stream_token_counts(flat, num_streams)
         if accum_steps == 1:
-            (_, sums_S), grads = grad_fn(params, batch, counts_S, rng)
+            (_, aux), grads = grad_fn(params, batch, counts_S, rng, *teacher)
         else:
             def micro(carry, mb_and_i):
                 mb, i = mb_and_i
                 g_acc, s_acc = carry
-                (_, s), g = grad_fn(params, mb, counts_S, jax.random.fold_in(rng, i))
-                return (jax.tree.map(jnp.add, g_acc, g), s_acc + s), None
+                (_, s), g = grad_fn(params, mb, counts_S, jax.random.fold_in(rng, i), *teacher)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((num_streams,), jnp.float32))
-            (grads, sums_S), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum_steps)))
+            sums_zeros = jnp.zeros((num_streams,), jnp.float32)
+            zeros = (jax.tree.map(jnp.zeros_like, params), sums_zeros if kd is None else (sums_zeros, sums_zeros))
+            (grads, aux), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum_steps)))
+        sums_S, kd_sums_S = (aux, None) if kd is None else aux
         total, means_S = loss_lib.weighted_loss(sums_S, counts_S, weights)
+        if kd is not None:
+            kd_value = loss_lib.kd_mean(kd_sums_S, counts_S, kd.streams_S())
+            total = total + kd.weight * kd.scale * kd_value
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": step + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
         metrics = {
@@ -93,6 +122,8 @@ def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule:
             "grad_norm": optax.global_norm(grads), "lr": schedule(step),
             "real_tokens": jnp.sum(flat["encoder_segment_ids"] > 0) + jnp.sum(flat["decoder_segment_ids"] > 0),
         }
+        if kd is not None:
+            metrics["kd_loss"] = kd_value  # the divergence, before weight and T^2
         return new_state, metrics
 
     return step_fn
@@ -113,10 +144,13 @@ class Trainer:
     step_fn: Callable = None
     state_shardings: Any = None
     param_shardings: Any = None
+    teacher: Teacher | None = None  # distillation's frozen teacher, an argument of every step
+    jitted_step: Callable = None  # (state, batch[, teacher params]) -> (state, metrics)
 
     @classmethod
-    def create(cls, cfg: Config, t5cfg: T5Config, mesh, stream_names, weights, imported_params=None) -> "Trainer":
-        self = cls(cfg, t5cfg, mesh, list(stream_names))
+    def create(cls, cfg: Config, t5cfg: T5Config, mesh, stream_names, weights, imported_params=None,
+               teacher: Teacher | None = None) -> "Trainer":
+        self = cls(cfg, t5cfg, mesh, list(stream_names), teacher=teacher)
         rules = sharding.logical_rules(cfg.mesh)
         model = T5(t5cfg)
         dummy = jnp.ones((1, 8), jnp.int32)
@@ -135,13 +169,20 @@ class Trainer:
                                 "opt_state": opt_shardings}
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         self.state = jax.device_put(state, self.state_shardings)
+        kd = None if teacher is None else kd_spec(cfg.distill, teacher.t5cfg, self.stream_names)
         step = make_train_step(t5cfg, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
-                               cfg.optim.label_smoothing, cfg.optim.z_loss, cfg.train.prng_impl)
+                               cfg.optim.label_smoothing, cfg.optim.z_loss, cfg.train.prng_impl, kd)
         lead = 1 if cfg.optim.grad_accum_steps > 1 else 0
         bs = sharding.put_batch_shardings(mesh, lead)
-        self.step_fn = jax.jit(step, in_shardings=(self.state_shardings, bs),
-                               out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+        # the teacher's parameters: sharded like a student's, never donated (only the state is)
+        frozen = () if teacher is None else (teacher.shardings,)
+        self.jitted_step = jax.jit(step, in_shardings=(self.state_shardings, bs, *frozen),
+                                   out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+        self.step_fn = self.jitted_step if teacher is None else self._step_with_teacher
         return self
+
+    def _step_with_teacher(self, state, batch):
+        return self.jitted_step(state, batch, self.teacher.params)
 
     def abstract_state(self) -> Any:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
@@ -232,6 +273,8 @@ def _host_metrics(m: dict[str, Any], stream_names: list[str]) -> dict[str, Any]:
            "real_tokens": int(m["real_tokens"])}
     for name, v, n in zip(stream_names, m["stream_loss"], m["stream_tokens"]):
         out[f"loss/{name}"] = float(v) if n > 0 else None
+    if "kd_loss" in m:
+        out["loss/kd"] = float(m["kd_loss"])
     return out
 
 
@@ -271,8 +314,13 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
                           f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
     stream_names = [s.name for s in cfg.data.streams]
-    trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), imported)
-    del imported
+    teacher = None
+    if cfg.distill.teacher:
+        from tinyllm_jax.train.distill import load_teacher
+
+        teacher = load_teacher(cfg, t5cfg, tokenizer, mesh)
+    trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), imported, teacher)
+    del imported, teacher
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = ckpt.latest_step() or 0
