@@ -32,7 +32,7 @@ class ModelConfig:
     """The student. `init` names an HF checkpoint (directory or hub id) to start from;
     without it the student is built from the architecture fields, randomly initialised."""
 
-    init: Optional[str] = None
+    init: Optional[str] = None  # an HF T5 directory, a hub id, or a training run directory
     tokenizer: Optional[str] = None  # HF dir/hub id; defaults to `init`
     # with neither init nor tokenizer: train a SentencePiece BPE tokenizer of this many
     # pieces on the training records (the demos do; saved in RUN_DIR/tokenizer)
@@ -65,6 +65,9 @@ class StreamConfig:
     # a teacher stream's target text: {rationale} (one sample) and {answer} (the record's gold
     # answer), e.g. Mentor-KD's "{rationale} --> {answer}"
     target: str = "{rationale}"
+    # a teacher stream that may find no rationale in the data (it then trains nothing; FAIR's
+    # streams in a round where no rationale passes review); else that is a config error
+    optional: bool = False
 
 
 @dataclass

@@ -67,6 +67,15 @@ def careful_rationale(name: str, start: int, changes: list[int], answer: int) ->
     return " ".join(steps) + f" So the answer is {answer}."
 
 
+def feedback_text(name: str, start: int, changes: list[int], answer: int, said: str) -> str:
+    """What a demo teacher says about a student's wrong answer `said`."""
+    return f"{said!r} is wrong: go one step at a time. {careful_rationale(name, start, changes, answer)}"
+
+
+# what the demo teachers write besides the rationales: the demo tokenizer learns it too
+DEMO_PHRASES = (feedback_text("Tom", 3, [4, -2], 5, "7") + " 3 + 4 - 2 = 5. The answer is 5. Score: [5] [2]",)
+
+
 def terse_rationale(start: int, changes: list[int], result: int) -> str:
     terms = " ".join(f"{'+' if k > 0 else '-'} {abs(k)}" for k in changes)
     return f"{start} {terms} = {result}. The answer is {result}."

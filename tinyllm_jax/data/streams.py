@@ -227,7 +227,9 @@ def check_streams(streams: Sequence[StreamConfig], records: Sequence[dict[str, A
     found = sorted({t for r in records for t in r.get("rationales", {})})
     for i, s in enumerate(streams):
         check_target(s, i)
-        if s.teacher is not None and s.teacher not in found:
+        if s.teacher is not None and s.teacher not in found and s.optional:
+            log.warning("stream %s: no record has a rationale of %r; it trains nothing", s.name, s.teacher)
+        elif s.teacher is not None and s.teacher not in found:
             raise ConfigError(
                 f"data.streams[{i}] ({s.name!r}): teacher {s.teacher!r} has no rationale in any "
                 f"record; teachers found: {', '.join(found) or 'none'}"

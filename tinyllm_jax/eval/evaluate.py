@@ -85,13 +85,16 @@ class Evaluation:
             bs = -(-bs // d) * d  # round up: rows are split over the batch axes
         return bs
 
-    def run(self, params: Any, split: str, run_dir: str | Path | None = None, step: int | None = None) -> dict[str, Any]:
+    def run(self, params: Any, split: str, run_dir: str | Path | None = None, step: int | None = None,
+            sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Decodes and scores `split`: greedy, or sampled with `sampling` (temperature, top_k,
+        top_p and its PRNG key, as `generate_ids` takes them)."""
         from tinyllm_jax.eval import scoring
         from tinyllm_jax.eval.decode import generate_ids
 
         records, inputs = self._inputs(split)
         ids = generate_ids(self.t5cfg, params, inputs, self.cfg.eval.max_new_tokens, self.batch_size(),
-                           progress=self.cfg.train.progress, shard_batch=self._shard())
+                           progress=self.cfg.train.progress, shard_batch=self._shard(), **(sampling or {}))
         preds = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         task = self.cfg.eval.task
         rows = []

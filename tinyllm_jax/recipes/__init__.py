@@ -14,10 +14,13 @@ from tinyllm_jax.recipes.stages import Stage, run_stages
 
 
 def method_stages(cfg: RecipeConfig) -> list[Stage]:
-    from tinyllm_jax.recipes import step_by_step, tinyllm
+    return method_module(cfg).stages(cfg, Path(cfg.run_dir))
 
-    methods = {"tinyllm": tinyllm, "step_by_step": step_by_step}
-    return methods[cfg.method].stages(cfg, Path(cfg.run_dir))
+
+def method_module(cfg: RecipeConfig):
+    from tinyllm_jax.recipes import fair, step_by_step, tinyllm
+
+    return {"tinyllm": tinyllm, "step_by_step": step_by_step, "fair": fair}[cfg.method]
 
 
 def recipe_command(config: str, overrides: list[str], dry_run: bool = False, only: str | None = None) -> dict[str, Any]:
@@ -38,6 +41,10 @@ def recipe_command(config: str, overrides: list[str], dry_run: bool = False, onl
     if dry_run:
         return {"stages": [s.__dict__ for s in statuses]}
     summary = recipe_summary(cfg, stages)
+    report = getattr(method_module(cfg), "report", None)
+    if report is not None:  # FAIR: a report per round
+        summary["rounds"] = report(cfg, run_dir)["rounds"]
+        print(method_module(cfg).format_report(summary))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(summary_line(summary))
     return summary
@@ -51,7 +58,8 @@ def recipe_summary(cfg: RecipeConfig, stages: list[Stage]) -> dict[str, Any]:
     for stage in stages:
         record = read_record(run_dir, stage.name) or {}
         out["stages"][stage.name] = {"status": record.get("status", "not run"), **(record.get("result") or {})}
-    evaluation = out["stages"].get("evaluate", {})
+    last_eval = [name for name in out["stages"] if name.endswith("evaluate")]
+    evaluation = out["stages"][last_eval[-1]] if last_eval else {}
     for key in ("step", "validation_accuracy", "test_accuracy"):
         if key in evaluation:
             out[key] = evaluation[key]

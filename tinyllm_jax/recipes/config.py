@@ -44,12 +44,34 @@ class ExportConfig:
 
 
 @dataclass
+class FairConfig:
+    """FAIR's rounds (recipes/fair.py). The committee is `rationales.teachers`."""
+
+    rounds: int = 1
+    # with no model.init: first train the student this many steps on the gold answers (under
+    # the rationale stream's prefix), so that round 1 has a student whose mistakes to mine
+    warmup_steps: int = 0
+    review: bool = True  # peer review by the other teachers; false: every rationale is kept
+    threshold: float = 3.0  # accepted when the mean valid review score is above it
+    train_teachers: list[str] = field(default_factory=list)  # whose outputs train the student; []: all
+    pick: Literal["one", "all"] = "one"  # per mistake: one feedback and one accepted rationale (seeded), or all
+    carry_over: Literal["round", "accumulate"] = "round"  # train on this round's data, or every round's so far
+    feedback_template: str = "fair_feedback"
+    rationale_template: str = "fair_rationale"
+    review_template: str = "fair_review"
+    mine_temperature: float = 0.0  # 0: greedy mining; the reference sampled at 0.3, top-p 0.9
+    mine_top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
 class RecipeConfig(Config):
-    method: Literal["tinyllm", "step_by_step"] = "tinyllm"
+    method: Literal["tinyllm", "step_by_step", "fair"] = "tinyllm"
     source: SourceConfig = field(default_factory=SourceConfig)
     # the splits whose records get teacher rationales (only train's are trained on)
     rationale_splits: list[str] = field(default_factory=lambda: list(SPLITS))
     export: ExportConfig = field(default_factory=ExportConfig)
+    fair: FairConfig = field(default_factory=FairConfig)
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> RecipeConfig:

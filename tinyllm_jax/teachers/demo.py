@@ -4,11 +4,11 @@ so that every recipe's demo config runs its teacher stages anywhere.
 
 `model` names the style: "careful" (step by step, always right) or "terse" (one equation,
 wrong for `error_rate` of its answers, 0.15 by default: the demo data's two teachers). What
-a job asks is its `info["kind"]`:
+a job asks is its template's kind (`info["kind"]`):
 
     rationale   a rationale ending "So the answer is N." / "The answer is N."
-    feedback    what is wrong with the student's answer (`info["student_answer"]`)
-    review      a 1-5 score in brackets for `info["reviewed_rationale"]`: 5 when its
+    feedback    what is wrong with the student's answer (the record's `meta.student_answer`)
+    review      a 1-5 score in brackets for `meta.reviewed_rationale`: 5 when its
                 arithmetic and final answer are right, 2 when not
 
 Whether a terse answer slips is a hash of (seed, record id, sample), so reruns and
@@ -22,7 +22,8 @@ import re
 from typing import Any
 
 from tinyllm_jax.config import ConfigError, TeacherConfig
-from tinyllm_jax.data.demo import TERSE_ERROR_RATE, careful_rationale, parse_question, terse_rationale
+from tinyllm_jax.data.demo import (TERSE_ERROR_RATE, careful_rationale, feedback_text, parse_question,
+                                   terse_rationale)
 from tinyllm_jax.teachers.backends import Job, OnDone, OnFail, RunStats
 
 STYLES = {"careful": 0.0, "terse": TERSE_ERROR_RATE}  # style -> default error rate
@@ -58,13 +59,11 @@ class DemoTeacher:
     def answer(self, job: Job, name: str, obj: str, start: int, changes: list[int]) -> str:
         truth = start + sum(changes)
         kind = job.info.get("kind", "rationale")
+        meta = job.record.get("meta") or {}
         if kind == "feedback":
-            said = job.info.get("student_answer", "")
-            return (f"The student answered {said!r}, which is wrong. {careful_rationale(name, start, changes, truth)} "
-                    f"The student should add what {name} gets and subtract what {name} gives away or loses, "
-                    "one step at a time.")
+            return feedback_text(name, start, changes, truth, meta.get("student_answer", ""))
         if kind == "review":
-            return f"Score: [{5 if _sound(job.info.get('reviewed_rationale', ''), start, changes) else 2}]"
+            return f"Score: [{5 if _sound(meta.get('reviewed_rationale', ''), start, changes) else 2}]"
         if self.style == "careful":
             return careful_rationale(name, start, changes, truth)
         result = self._slip(job, truth) if self._slips(job) else truth

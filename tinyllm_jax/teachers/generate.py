@@ -258,7 +258,7 @@ class _TeacherRun:
                               .digest()[:4], "big") & 0x7FFFFFFF
         info = {"dataset": ds.name, "record_id": rec["id"], "teacher": self.teacher.name, "sample": sample,
                 "request_hash": request_hash(prompt, {**self.settings, "seed": seed}), "stage": stage,
-                "examples": example_ids, "seed": seed}
+                "examples": example_ids, "seed": seed, "kind": self.template.kind}
         return Job(key=entry_key(info), prompt=prompt, seed=seed, info=info, record=rec)
 
     def _send(self, ds: Dataset, jobs: list[Job], counts: dict, desc: str) -> None:

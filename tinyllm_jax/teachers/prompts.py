@@ -39,7 +39,8 @@ _ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(
     undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
 )
 _GOLD_VARS = {"answer", "answer_label"}
-_VARS = {"id", "question", "context", "choices", "options", "rationale"} | _GOLD_VARS
+_VARS = {"id", "question", "context", "choices", "options", "rationale", "meta"} | _GOLD_VARS
+KINDS = ("rationale", "feedback", "review")  # what a template asks of the teacher
 _MARK = "\x00RATIONALE\x00"  # stands for the rationale when a block is cut into a query
 
 _QUESTION = (
@@ -74,7 +75,37 @@ BUILTIN_TEMPLATES: dict[str, dict[str, Any]] = {
         "strip_answer": True,
     },
 }
-_TEMPLATE_KEYS = {"example", "separator", "header", "stop", "strip_answer"}
+_FAIR_GOLD = "Hint: the correct answer is {{ answer_label }}{% if choices %} {{ answer }}{% endif %}.\n"
+# FAIR's committee (arXiv:2410.03663): feedback on the student's wrong answer and peer review
+# of another teacher's rationale both see the gold answer as a hint; the rationale does not.
+BUILTIN_TEMPLATES.update({
+    "fair_rationale": {
+        "example": "Answer the following question. Let's think step by step, and end with \"The answer is ...\".\n"
+                   + _QUESTION + "Answer: {{ rationale }}",
+        "separator": "\n\n",
+        "stop": ["\nQuestion:"],
+    },
+    "fair_feedback": {
+        "kind": "feedback",
+        "example": "You are a teacher. A student answered the question below incorrectly. Point out the mistakes "
+                   "in the student's answer and explain how to reach the correct answer.\n"
+                   + _QUESTION + "Student's answer: {{ meta.student_answer }}\n" + _FAIR_GOLD
+                   + "Feedback: {{ rationale }}",
+        "separator": "\n\n",
+        "stop": ["\nQuestion:"],
+    },
+    "fair_review": {
+        "kind": "review",
+        "example": "You are a reviewer. Judge whether the rationale below answers the question correctly and "
+                   "soundly. Reason step by step, then give one score from 1 to 5 (5: surely correct), wrapped "
+                   "in square brackets, such as [5].\n"
+                   + _QUESTION + "Rationale: {{ meta.reviewed_rationale }}\n" + _FAIR_GOLD
+                   + "Review: {{ rationale }}",
+        "separator": "\n\n",
+        "stop": ["\nQuestion:"],
+    },
+})
+_TEMPLATE_KEYS = {"example", "separator", "header", "stop", "strip_answer", "kind"}
 _ANSWER_SENTENCE = re.compile(r"(?:\b(?:so|thus|therefore|hence)\b,?\s*)?\bthe\s+(?:final\s+)?answer\s+(?:is|will\s+be)\b",
                               re.I)
 
@@ -90,6 +121,7 @@ class PromptTemplate:
     stop: tuple[str, ...]
     uses_gold: bool
     strip_answer: bool = False  # the stored rationale ends before its answer sentence
+    kind: str = "rationale"  # rationale, feedback or review: what the demo teachers answer
 
     def block(self, record: Mapping[str, Any], rationale: str) -> str:
         """One record rendered with its rationale (an in-context example). With
@@ -146,16 +178,27 @@ def load_template(name: str, configured: Mapping[str, Mapping[str, Any]]) -> Pro
     for k in ("separator", "header"):
         if not isinstance(spec.get(k, ""), str):
             raise ConfigError(f"{key}.{k}: expected a string, found {spec[k]!r:.60}")
+    if spec.get("kind", "rationale") not in KINDS:
+        raise ConfigError(f"{key}.kind: expected one of {list(KINDS)}, found {spec['kind']!r:.60}")
     if not isinstance(spec.get("strip_answer", False), bool):
         raise ConfigError(f"{key}.strip_answer: expected true or false, found {spec['strip_answer']!r:.60}")
     template = PromptTemplate(
         name=name, example=compiled, separator=spec.get("separator", "\n\n"), header=spec.get("header", ""),
         stop=tuple(stop), uses_gold=bool(names & _GOLD_VARS), strip_answer=spec.get("strip_answer", False),
+        kind=spec.get("kind", "rationale"),
     )
-    probe = template._render({"id": "probe", "question": "q", "answer": "a", "choices": ["a", "b"]}, _MARK)
+    probe = template._render({"id": "probe", "question": "q", "answer": "a", "choices": ["a", "b"],
+                              "meta": _AnyMeta()}, _MARK)
     if _MARK not in probe or probe.split(_MARK, 1)[1].strip():
         raise ConfigError(f"{key}.example: must end with {{{{ rationale }}}} (the teacher continues from there)")
     return template
+
+
+class _AnyMeta(dict):
+    """`meta` of the probe record: any field a template reads is there."""
+
+    def __missing__(self, key):
+        return "probe"
 
 
 def option_letters(n: int) -> list[str]:
@@ -195,6 +238,7 @@ def template_vars(record: Mapping[str, Any], rationale: str, uses_gold: bool = T
         "answer": record["answer"],
         "answer_label": label,
         "rationale": rationale,
+        "meta": record["meta"] if isinstance(record.get("meta"), dict) else {},
     }
 
 

@@ -32,11 +32,12 @@ def build_student(cfg: Config, run_dir: Path) -> tuple[T5Config, Any, Any | None
     m = cfg.model
     tok_dir = run_dir / "tokenizer"
     params = None
-    if m.init:
-        from tinyllm_jax.model.hf import load_pretrained
+    if m.init:  # an HF directory, a hub id, or one of our runs (its selected checkpoint)
+        from tinyllm_jax.runs import load_model
 
-        _, params, tokenizer, t5cfg = load_pretrained(m.init, tokenizer=m.tokenizer is None)
-        t5cfg = t5cfg.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
+        loaded = load_model(m.init, tokenizer=m.tokenizer is None)
+        params, tokenizer = loaded.params, loaded.tokenizer
+        t5cfg = loaded.t5cfg.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
     else:
         shared = {f.name: getattr(m, f.name) for f in dataclasses.fields(T5Config) if hasattr(m, f.name)}
         t5cfg = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
@@ -62,12 +63,15 @@ def build_student(cfg: Config, run_dir: Path) -> tuple[T5Config, Any, Any | None
 
 
 def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
-    from tinyllm_jax.data.demo import demo_texts
+    from tinyllm_jax.data.demo import DEMO_PHRASES, demo_texts
     from tinyllm_jax.data.records import read_jsonl
     from tinyllm_jax.model.tokenizer import train_sentencepiece
 
     records, _ = read_jsonl(cfg.data.train[0])
-    texts = demo_texts(records, extra=[s.prefix for s in cfg.data.streams])
+    extra = [s.prefix for s in cfg.data.streams]
+    if cfg.model.train_tokenizer_vocab:  # a recipe's later stages also train on the demo teachers' feedback
+        extra += list(DEMO_PHRASES)
+    texts = demo_texts(records, extra=extra)
     # BPE: on a corpus this small, unigram stops near single characters
     vocab = cfg.model.train_tokenizer_vocab or int(cfg.demo.get("vocab_size", 256))
     return train_sentencepiece(texts, tok_dir, vocab_size=vocab, model_type="bpe")

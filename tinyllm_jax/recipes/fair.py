@@ -1,0 +1,408 @@
+"""FAIR (Learning from a committee of teachers, arXiv:2410.03663), in rounds:
+
+    data -> [warmup] -> round r: mine -> feedback -> rationales -> [review] -> train -> evaluate
+         -> ... round R -> export
+
+    mine        the current student answers every train question through the rationale
+                stream; the ones it gets wrong, with its answer, are its mistakes
+    feedback    every teacher of `fair.train_teachers` points out the mistake (gold as a hint)
+    rationales  every such teacher answers the question itself (no gold in the prompt)
+    review      each rationale is scored 1-5 by the OTHER teachers of the committee (all of
+                `rationales.teachers`), gold as a hint; kept when the mean valid score is
+                above `fair.threshold` (teachers/review.py says how replies are read)
+    train       the student (the previous round's, or model.init) on a feedback stream and a
+                rationale stream, weights alpha and 1 - alpha (`data.streams`)
+    evaluate    validation and test accuracy of the round's student (rationale stream)
+
+The reference code stops after round 0 (every file name says round0, and there is no
+loop); here round r + 1 mines the mistakes of round r's student. Its single-teacher
+baselines also drop the review; here review and teacher mix are separate settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from tinyllm_jax.config import Config, ConfigError, StreamConfig
+from tinyllm_jax.data.records import read_jsonl, write_jsonl
+from tinyllm_jax.errors import UserError
+from tinyllm_jax.recipes import common
+from tinyllm_jax.recipes.config import RecipeConfig
+from tinyllm_jax.recipes.stages import Stage, read_record, stage_dir
+
+log = logging.getLogger("tinyllm.recipe")
+
+FEEDBACK, RATIONALE = "feedback", "rationale"  # the streams' `teacher` names in a FAIR config
+MISTAKES = "mistakes.jsonl"
+
+
+def stages(cfg: RecipeConfig, run_dir: Path) -> list[Stage]:
+    check(cfg)
+    out = [common.data_stage(cfg, run_dir)]
+    student = None  # the stage whose run directory holds the current student; None: model.init
+    if cfg.fair.warmup_steps > 0:
+        out.append(warmup_stage(cfg, run_dir))
+        student = "warmup"
+    for r in range(1, cfg.fair.rounds + 1):
+        rd = f"round{r}"
+        out.append(mine_stage(cfg, run_dir, rd, student))
+        out.append(teacher_stage(cfg, run_dir, rd, "feedback", cfg.fair.feedback_template))
+        out.append(teacher_stage(cfg, run_dir, rd, "rationales", cfg.fair.rationale_template))
+        if cfg.fair.review:
+            out.append(review_stage(cfg, run_dir, rd))
+        out.append(train_stage(cfg, run_dir, rd, student, previous=[f"round{k}" for k in range(1, r)]))
+        student = f"{rd}/train"
+        out.append(common.evaluate_stage(cfg, run_dir, train_from=student_run(student), name=f"{rd}/evaluate"))
+    if cfg.export.enabled:
+        out.append(common.export_stage(cfg, run_dir, train_from=student_run(student)))
+    return out
+
+
+def check(cfg: RecipeConfig) -> None:
+    f = cfg.fair
+    kinds = {s.teacher for s in cfg.data.streams}
+    if len(cfg.data.streams) != 2 or kinds != {FEEDBACK, RATIONALE}:
+        raise ConfigError("data.streams: FAIR trains two streams, one with teacher: feedback and one with "
+                          f"teacher: rationale, found {[s.teacher for s in cfg.data.streams]}")
+    names = [t.name for t in cfg.rationales.teachers]
+    if not names:
+        raise ConfigError("rationales.teachers: FAIR needs its committee of teachers, found none")
+    unknown = [t for t in f.train_teachers if t not in names]
+    if unknown:
+        raise ConfigError(f"fair.train_teachers: {unknown[0]!r} is not one of rationales.teachers ({', '.join(names)})")
+    if f.review and len(names) < 2:
+        raise ConfigError("fair.review: peer review needs at least two teachers in rationales.teachers "
+                          "(each rationale is scored by the others); set fair.review=false for one teacher")
+    if f.rounds < 1:
+        raise ConfigError(f"fair.rounds: expected >= 1, found {f.rounds}")
+    if not cfg.model.init and f.warmup_steps <= 0:
+        raise ConfigError("fair: round 1 mines the mistakes of a student that can already answer: set model.init "
+                          "(a pretrained T5 or a training run) or fair.warmup_steps (train it on the gold answers first)")
+
+
+def rationale_stream(cfg: Config) -> StreamConfig:
+    return next(s for s in cfg.data.streams if s.teacher == RATIONALE)
+
+
+def student_run(train_stage_name: str) -> str:
+    """A round's train stage keeps its records beside the run: the run is `student/`."""
+    return train_stage_name if train_stage_name == "warmup" else f"{train_stage_name}/student"
+
+
+def _train_teachers(cfg: RecipeConfig) -> list[str]:
+    return cfg.fair.train_teachers or [t.name for t in cfg.rationales.teachers]
+
+
+def _eval_config(cfg: RecipeConfig):
+    return dataclasses.replace(cfg.eval, stream=rationale_stream(cfg).name)
+
+
+# --------------------------------------------------------------------------- warmup and mining
+
+
+def warmup_stage(cfg: RecipeConfig, run_dir: Path) -> Stage:
+    """A student that answers before round 1: the gold answers of train under the rationale
+    stream's prefix, for `fair.warmup_steps` steps."""
+    s = rationale_stream(cfg)
+    answers = StreamConfig(s.name, s.prefix, 1.0)
+    short = min(cfg.data.decoder_length, 32)  # answers are short: rows sized for rationales would sit empty
+    return common.train_stage(cfg, run_dir, records_from="data", name="warmup",
+                              data=dataclasses.replace(cfg.data, streams=[answers], decoder_length=short),
+                              train=dataclasses.replace(cfg.train, steps=cfg.fair.warmup_steps),
+                              eval=_eval_config(cfg))
+
+
+def mine_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None) -> Stage:
+    """The student's answers to every train question; the wrong ones are the mistakes."""
+    out = stage_dir(run_dir, f"{rd}/mine")
+    data = stage_dir(run_dir, "data")
+
+    def run() -> dict[str, Any]:
+        import jax
+
+        from tinyllm_jax.eval.evaluate import Evaluation
+        from tinyllm_jax.runs import load_model
+        from tinyllm_jax.runtime import sharding
+
+        model = load_model(str(stage_dir(run_dir, student_run(student))) if student else cfg.model.init)
+        tcfg = common.train_config(cfg, out, common.read_manifest(data), eval=_eval_config(cfg))
+        mesh = sharding.make_mesh(tcfg.mesh)
+        params = jax.device_put(model.params, sharding.replicated(mesh))
+        f = cfg.fair
+        sampling = {}
+        if f.mine_temperature > 0:
+            sampling = {"temperature": f.mine_temperature, "top_p": f.mine_top_p,
+                        "rng": jax.random.key(f.seed + int(rd.removeprefix("round")))}
+        summary = Evaluation(tcfg, model.t5cfg, model.tokenizer, mesh).run(params, "train", out, model.step,
+                                                                           sampling=sampling)
+        records = {r["id"]: r for r in read_jsonl(common.read_manifest(data)["train"])[0]}
+        tag = "train" if model.step is None else f"train-step{model.step}"
+        with open(out / "eval" / f"predictions-{tag}.jsonl", encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh]
+        mistakes = [{**records[row["id"]], "rationales": {},
+                     "meta": {**(records[row["id"]].get("meta") or {}), "student_answer": row["prediction"],
+                              "round": rd}}
+                    for row in rows if not row["correct"]]
+        write_jsonl(out / MISTAKES, mistakes)
+        log.info("%s: the student got %d of %d train questions wrong", rd, len(mistakes), len(rows))
+        return {"questions": len(rows), "mistakes": len(mistakes), "train_accuracy": summary["accuracy"]}
+
+    reads = [data / common.MANIFEST]
+    if student:
+        reads.append(stage_dir(run_dir, student_run(student)) / "summary.json")
+    settings = {"eval": common.settings_of(_eval_config(cfg)), "student": student or cfg.model.init,
+                "sampling": [cfg.fair.mine_temperature, cfg.fair.mine_top_p, cfg.fair.seed]}
+    return Stage(f"{rd}/mine", run, settings, writes=[out / MISTAKES], reads=reads)
+
+
+# --------------------------------------------------------------------------- the committee
+
+
+def _rationales_config(cfg: RecipeConfig, inputs: list[Path], out: Path, template: str, teachers: list[str],
+                       cache: Path | None = None) -> Config:
+    """`tinyllm rationales` settings for one FAIR teacher stage: zero-shot, one template."""
+    chosen = [dataclasses.replace(t, template=template) for t in cfg.rationales.teachers if t.name in teachers]
+    rc = dataclasses.replace(cfg.rationales, input=[str(p) for p in inputs], output=str(out), teachers=chosen,
+                             num_examples=0, cache=str(cache) if cache else None)
+    return dataclasses.replace(Config(), eval=cfg.eval, rationales=rc)
+
+
+def _collect(rcfg: Config) -> dict[str, Any]:
+    from tinyllm_jax.teachers.generate import generate_command
+
+    records = read_jsonl(rcfg.rationales.input[0])[0] if rcfg.rationales.input else []
+    if not records:
+        Path(rcfg.rationales.output).mkdir(parents=True, exist_ok=True)
+        for p in rcfg.rationales.input:
+            write_jsonl(Path(rcfg.rationales.output) / Path(p).name, [])
+        return {"new": 0, "requests": 0}
+    report = generate_command(rcfg)
+    counts = [c for per in report["teachers"].values() for c in per.values()]
+    return {"new": report["new"], "requests": sum(c["requests"] for c in counts),
+            "cached": sum(c["cached"] for c in counts)}
+
+
+def teacher_stage(cfg: RecipeConfig, run_dir: Path, rd: str, kind: str, template: str) -> Stage:
+    """Every training teacher's feedback on (or own rationale for) each mistake."""
+    out = stage_dir(run_dir, f"{rd}/{kind}")
+    mistakes = stage_dir(run_dir, f"{rd}/mine") / MISTAKES
+    teachers = _train_teachers(cfg)
+
+    def rcfg() -> Config:
+        return _rationales_config(cfg, [mistakes], out, template, teachers)
+
+    def run() -> dict[str, Any]:
+        return _collect(rcfg())
+
+    def plan() -> str:
+        if not mistakes.is_file():
+            return f"{len(teachers)} requests a mistake, known once {rd} has mined"
+        n = sum(1 for line in mistakes.open(encoding="utf-8") if line.strip())
+        return f"{n} mistakes x {len(teachers)} teachers = {n * len(teachers)} requests (less what is cached)"
+
+    settings = {"template": template, "teachers": teachers,
+                "rationales": common.settings_of(dataclasses.replace(cfg.rationales, input=[], output=""))}
+    return Stage(f"{rd}/{kind}", run, settings, writes=[out / MISTAKES], reads=[mistakes], fresh_on_change=False,
+                 plan=plan)
+
+
+def review_stage(cfg: RecipeConfig, run_dir: Path, rd: str) -> Stage:
+    """Each rationale scored by the other teachers; writes the accepted rationales, with
+    every score in provenance, and the counts (unparseable replies included)."""
+    from tinyllm_jax.teachers.review import accepted, parse_score
+
+    out = stage_dir(run_dir, f"{rd}/review")
+    rationales = stage_dir(run_dir, f"{rd}/rationales") / MISTAKES
+    committee = [t.name for t in cfg.rationales.teachers]
+
+    def run() -> dict[str, Any]:
+        records = _read(rationales)
+        inputs = _review_inputs(records, out)
+        counts = {"rationales": 0, "accepted": 0, "scores": 0, "unparseable": 0, "out of range": 0, "requests": 0,
+                  "new": 0}
+        reviews: dict[tuple[str, str, int], dict[str, str]] = {}
+        for author, path in inputs.items():
+            others = [t for t in committee if t != author]
+            got = _collect(_rationales_config(cfg, [path], out / "replies", cfg.fair.review_template, others,
+                                              cache=out / "cache.jsonl"))
+            counts["requests"] += got["requests"]
+            counts["new"] += got["new"]
+            for rec in read_jsonl(out / "replies" / path.name)[0]:
+                key = (rec["meta"]["record_id"], author, rec["meta"]["sample"])
+                reviews[key] = {t: rec["rationales"][t][0] for t in others if rec["rationales"].get(t)}
+        kept = []
+        for orig in records:
+            rec = {**orig, "rationales": {}, "provenance": dict(orig.get("provenance") or {})}
+            for author in _train_teachers(cfg):
+                texts = orig["rationales"].get(author, [])
+                verdicts = []
+                for k, text in enumerate(texts):
+                    replies = reviews.get((rec["id"], author, k), {})
+                    scores = {t: parse_score(reply) for t, reply in replies.items()}
+                    ok = accepted(list(scores.values()), cfg.fair.threshold)
+                    counts["rationales"] += 1
+                    counts["accepted"] += ok
+                    for sc in scores.values():
+                        counts["scores" if sc.status == "ok" else sc.status] += 1
+                    verdicts.append({"sample": k, "accepted": ok, "scores": {t: sc.value for t, sc in scores.items()},
+                                     "status": {t: sc.status for t, sc in scores.items()}, "replies": replies})
+                    if ok:
+                        rec["rationales"].setdefault(author, []).append(text)
+                if texts:
+                    rec["provenance"][author] = {**(rec["provenance"].get(author) or {}), "review": verdicts,
+                                                 "threshold": cfg.fair.threshold}
+            kept.append(rec)
+        write_jsonl(out / MISTAKES, kept)
+        log.info("%s review: %d of %d rationales accepted; %d scores, %d unparseable, %d out of range", rd,
+                 counts["accepted"], counts["rationales"], counts["scores"], counts["unparseable"],
+                 counts["out of range"])
+        return counts
+
+    settings = {"template": cfg.fair.review_template, "committee": committee, "threshold": cfg.fair.threshold,
+                "train_teachers": _train_teachers(cfg),
+                "rationales": common.settings_of(dataclasses.replace(cfg.rationales, input=[], output=""))}
+    return Stage(f"{rd}/review", run, settings, writes=[out / MISTAKES], reads=[rationales], fresh_on_change=False)
+
+
+def _review_inputs(records: list[dict[str, Any]], out: Path) -> dict[str, Path]:
+    """One file of review requests per author: a record per (question, rationale sample),
+    carrying the rationale under review in `meta` (the review template shows it)."""
+    by_author: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        for author, texts in rec["rationales"].items():
+            for k, text in enumerate(texts):
+                by_author.setdefault(author, []).append({
+                    **rec, "id": f"{rec['id']}#{author}#{k}", "rationales": {}, "teacher_answers": {},
+                    "provenance": {}, "meta": {**(rec.get("meta") or {}), "record_id": rec["id"], "author": author,
+                                               "sample": k, "reviewed_rationale": text}})
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for author, recs in by_author.items():
+        paths[author] = out / f"by-{_safe(author)}.jsonl"
+        write_jsonl(paths[author], recs)
+    return paths
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) + "-" + hashlib.sha256(
+        name.encode()).hexdigest()[:6]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def feedback_input(rec: dict[str, Any]) -> str:
+    """The feedback stream's input: the question, the student's answer, the gold hint."""
+    from tinyllm_jax.data.streams import format_input
+
+    return (f"{format_input(rec)}\nStudent's answer: {rec['meta']['student_answer']}\n"
+            f"Hint: the correct answer is {rec['answer']}.")
+
+
+def training_records(cfg: RecipeConfig, rd: str, feedback: list[dict], reviewed: list[dict]) -> list[dict[str, Any]]:
+    """A rationale record and a feedback record per mistake, from the training teachers'
+    accepted rationales and their feedback (one of each, seeded, or all: `fair.pick`)."""
+    teachers = _train_teachers(cfg)
+    fb = {r["id"]: r for r in feedback}
+    out = []
+    for rec in reviewed:
+        rng = random.Random(f"{cfg.fair.seed}/{rd}/{rec['id']}")
+        rationales = [t for name in teachers for t in rec["rationales"].get(name, [])]
+        notes = [t for name in teachers for t in fb.get(rec["id"], {}).get("rationales", {}).get(name, [])]
+        if cfg.fair.pick == "one":
+            rationales = rationales and [rng.choice(rationales)]
+            notes = notes and [rng.choice(notes)]
+        base = {k: v for k, v in rec.items() if k not in ("rationales", "teacher_answers", "provenance")}
+        if rationales:
+            out.append({**base, "id": f"{rd}/{rec['id']}", "rationales": {RATIONALE: rationales}})
+        if notes:
+            out.append({**base, "id": f"{rd}/{rec['id']}~feedback", "question": feedback_input(rec), "choices": [],
+                        "context": None, "rationales": {FEEDBACK: notes}})
+    return out
+
+
+def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, previous: list[str]) -> Stage:
+    """This round's (or, with carry_over: accumulate, every round's) feedback and rationale
+    records, and the student trained on them from the current student."""
+    out = stage_dir(run_dir, f"{rd}/train")
+    run_path = stage_dir(run_dir, student_run(f"{rd}/train"))
+    accepted_from = f"{rd}/review" if cfg.fair.review else f"{rd}/rationales"
+    reviewed, feedback = stage_dir(run_dir, accepted_from) / MISTAKES, stage_dir(run_dir, f"{rd}/feedback") / MISTAKES
+    init = str(stage_dir(run_dir, student_run(student))) if student else cfg.model.init
+
+    def run() -> dict[str, Any]:
+        from tinyllm_jax.train.loop import train
+
+        records = training_records(cfg, rd, _read(feedback), _read(reviewed))
+        if cfg.fair.carry_over == "accumulate":
+            for k in previous:
+                records = _read(stage_dir(run_dir, f"{k}/train") / "train.jsonl") + records
+        write_jsonl(out / "train.jsonl", records)
+        counts = {s: sum(bool(r["rationales"].get(s)) for r in records) for s in (FEEDBACK, RATIONALE)}
+        if not records:
+            raise UserError(f"{rd}: nothing to train on: no feedback and no accepted rationale "
+                            f"({len(_read(reviewed))} mistakes)")
+        streams = [dataclasses.replace(s, optional=True) for s in cfg.data.streams]  # a round may lack one
+        splits = {**common.read_manifest(stage_dir(run_dir, "data")), "train": out / "train.jsonl"}
+        tcfg = common.train_config(cfg, run_path, splits, eval=_eval_config(cfg),
+                                   data=dataclasses.replace(cfg.data, streams=streams),
+                                   model=dataclasses.replace(cfg.model, init=init))
+        result = train(tcfg, evaluate_test=False)
+        if "preempted_at" in result:
+            raise UserError(f"stopped by SIGTERM at step {result['preempted_at']} (saved); rerun to resume")
+        return {"records": len(records), "feedback_records": counts[FEEDBACK], "rationale_records": counts[RATIONALE]}
+
+    settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, eval=_eval_config(cfg))),
+                "init": init, "fair": common.settings_of(cfg.fair)}
+    return Stage(f"{rd}/train", run, settings, writes=[run_path / "summary.json"], reads=[reviewed, feedback])
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return read_jsonl(path)[0] if path.is_file() and path.stat().st_size else []
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def report(cfg: RecipeConfig, run_dir: Path) -> dict[str, Any]:
+    """Per round: mistakes, requests, feedback and rationales collected, accepted, accuracy."""
+    rounds = []
+    for r in range(1, cfg.fair.rounds + 1):
+        rd = f"round{r}"
+        res = {name: (read_record(run_dir, f"{rd}/{name}") or {}).get("result") or {}
+               for name in ("mine", "feedback", "rationales", "review", "train", "evaluate")}
+        rounds.append({
+            "round": r, "mistakes": res["mine"].get("mistakes"), "train_accuracy": res["mine"].get("train_accuracy"),
+            "requests": sum(res[k].get("requests", 0) for k in ("feedback", "rationales", "review")),
+            "sent": sum(res[k].get("new", 0) for k in ("feedback", "rationales", "review")),
+            "feedback_records": res["train"].get("feedback_records"),
+            "rationale_records": res["train"].get("rationale_records"),
+            "reviewed": res["review"].get("rationales"), "accepted": res["review"].get("accepted"),
+            "unparseable_reviews": res["review"].get("unparseable"),
+            "validation_accuracy": res["evaluate"].get("validation_accuracy"),
+            "test_accuracy": res["evaluate"].get("test_accuracy"),
+        })
+    out = {"method": "fair", "rounds": rounds}
+    (Path(run_dir) / "rounds.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    head = ("round", "mistakes", "requests", "sent", "accepted", "unparseable", "val acc", "test acc")
+    rows = [head]
+    for r in rep["rounds"]:
+        acc = f"{r['accepted']}/{r['reviewed']}" if r["reviewed"] is not None else "no review"
+        rows.append((r["round"], r["mistakes"], r["requests"], r["sent"], acc, r["unparseable_reviews"],
+                     _pct(r["validation_accuracy"]), _pct(r["test_accuracy"])))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
