@@ -26,7 +26,7 @@ from tinyllm_jax.data.formats.report import SplitReport
 from tinyllm_jax.data.formats.source import FormatError, Row, field, is_empty, read_rows
 from tinyllm_jax.data.records import make_record
 
-_NAME = re.compile(r"(?P<student>[^_]+)_(?P<d>.+)_(?P<kind>false|feedback|rationale)_round(?P<round>\d+)\.json")
+FILE_NAME = re.compile(r"(?P<student>[^_]+)_(?P<d>.+)_(?P<kind>false|feedback|rationale)_round(?P<round>\d+)\.json")
 _STUDENT_FIELDS = ("student_wrong_pred", "student_wrong_final_answer")
 
 
@@ -34,7 +34,7 @@ def convert(root: Path) -> list[tuple[SplitReport, list[dict[str, Any]]]]:
     groups: dict[tuple[str, int], dict[str, Path]] = defaultdict(dict)
     students: dict[tuple[str, int], str] = {}
     for path in sorted(root.glob("*.json")):
-        if not (m := _NAME.fullmatch(path.name)):
+        if not (m := FILE_NAME.fullmatch(path.name)):
             continue
         key = (m["d"], int(m["round"]))
         if students.setdefault(key, m["student"]) != m["student"]:
