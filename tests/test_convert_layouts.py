@@ -215,3 +215,46 @@ def test_src_may_be_one_dataset_folder_or_a_folder_of_datasets(esnli_src, anli_s
     assert [(s.dataset, s.split, s.rows_written, s.gold_file) for s in one.splits] == \
         [(s.dataset, s.split, s.rows_written, s.gold_file) for s in many.splits]
     assert read_jsonl(tmp_path / "one" / "esnli" / "test.jsonl")[0] == read_jsonl(tmp_path / "many" / "esnli" / "test.jsonl")[0]
+
+
+# ------------------------------------------------------------------ Mentor-KD completions
+
+
+def test_mentor_kd_completions_are_read_as_answers_in_every_chain_file(tmp_path):
+    root = tmp_path / "mentor-kd"
+    date_q = "Yesterday was April 30. What is today?\nWhich choice is true? Answer choices: (A) 05/01, (B) 04/29."
+    letters_q = 'Take the last letters of "Whitney Erika Tj Benito".'
+    strat_q = "Is frost common at commencements?"
+    csqa_q = "Where do sanctions hit? Answer Choices:\nA. ignore\nB. enforce\nC. school\n"
+
+    def chain(q, answer, completion):
+        return {"input": q, "chain": f"Some steps for {completion!r}.", "completion": completion, "answer": answer,
+                "initial_correct": True}
+
+    for d, q, gold in (("date_understanding", date_q, "A"), ("last_letter_concatenation", letters_q, "yajo"),
+                       ("strategy_qa", strat_q, "No"), ("commonsense_qa", csqa_q, "B"), ("svamp", "2 - 1?", "1")):
+        write_json(root / "skeleton" / f"{d}_test.json", [{"input": q, "answer": gold}])
+        write_json(root / "skeleton" / f"{d}_train.json", [{"input": q, "answer": gold}])
+    write_json(root / "main" / "date_understanding_test.json", [chain(date_q, "A", " (A)."), chain(date_q, "A", " A.")])
+    write_json(root / "main" / "last_letter_concatenation_test.json", [chain(letters_q, "yajo", ' "yajo".')])
+    write_json(root / "main" / "strategy_qa_test.json", [
+        chain(strat_q, "No", " probably no."), chain(strat_q, "No", " that it depends on the weather.")])
+    write_json(root / "main" / "commonsense_qa_test.json", [chain(csqa_q, "B", " (B)."), chain(csqa_q, "B", " B.")])
+    write_json(root / "aug" / "flan-t5_large" / "date_understanding_rand3_aug3.json", [chain(date_q, "A", "A")])
+    write_json(root / "aug" / "flan-t5_large" / "svamp_rand3_aug3.json", [chain("2 - 1?", "1", "1.0")])
+    write_json(root / "aug" / "flan-t5_large" / "strategy_qa_rand3_aug3.json", [chain(strat_q, "No", "no")])
+    out = tmp_path / "out"
+    report = convert("mentor-kd", root, out)
+
+    def answers(d, split, teacher):
+        (rec,) = records(out, d, split)
+        return rec.get("teacher_answers", {}).get(teacher)
+
+    assert answers("date_understanding", "test", "teacher") == ["A", "A"]
+    assert answers("date_understanding", "train", "mentor") == ["A"]
+    assert answers("last_letter_concatenation", "test", "teacher") == ["yajo"]
+    assert answers("strategy_qa", "test", "teacher") == ["No"]  # "that it depends..." states none
+    assert answers("strategy_qa", "train", "mentor") == ["No"]
+    assert answers("commonsense_qa", "test", "teacher") == ["enforce", "enforce"]
+    assert answers("svamp", "train", "mentor") == ["1"]
+    assert split_of(report, "strategy_qa", "test").alignment["main/strategy_qa_test.json"]["completion_unreadable"] == 1
