@@ -258,3 +258,50 @@ def test_mentor_kd_completions_are_read_as_answers_in_every_chain_file(tmp_path)
     assert answers("commonsense_qa", "test", "teacher") == ["enforce", "enforce"]
     assert answers("svamp", "train", "mentor") == ["1"]
     assert split_of(report, "strategy_qa", "test").alignment["main/strategy_qa_test.json"]["completion_unreadable"] == 1
+
+
+# ------------------------------------------------------------------ FAIR: the four published datasets
+
+
+def test_fair_round0_files_of_all_four_datasets_convert_with_their_answers(tmp_path):
+    root = tmp_path / "data"
+    stu = "Llama-2-7b-chat-hf"
+    solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    write_json(root / f"{stu}_gsm8k_false_round0.json", [
+        {"id": 0, "question": "Natalia sold clips to 48 friends...", "gold_answer": solution,
+         "student_wrong_pred": "She sold 96.", "student_wrong_final_answer": "96"}])
+    write_json(root / f"{stu}_strategyQA_false_round0.json", [
+        {"id": 1, "question": "Is the cuisine of Hawaii suitable for a vegan?",
+         "gold_answer": "false.\tHawaiians eat much Spam. Kalua pig is famous.",
+         "student_wrong_pred": "\nTrue.", "student_wrong_final_answer": "true"}])
+    options = ["Some southerners like peppers.", "All northerners dislike peppers.", "No one likes peppers.", "x"]
+    write_json(root / f"{stu}_logiQA_false_round0.json", [
+        {"id": 7, "context": "Southerners like peppers. Some people who like peppers are northerners.",
+         "question": "Which follows?", "options": options, "gold_answer": "0",
+         "student_wrong_pred": "Answer: No one. Rationale: ...", "student_wrong_final_answer": "2"}])
+    write_json(root / f"{stu}_svamp_false_round0.json", [
+        {"id": 0, "question": "290 bananas in 2 groups?", "gold_answer": "145",
+         "student_wrong_pred": "580", "student_wrong_final_answer": "580"}])
+    out = tmp_path / "out"
+    report = convert("fair", root, out)
+    assert sorted((s.dataset, s.rows_written) for s in report.splits) == [
+        ("gsm8k", 1), ("logiQA", 1), ("strategyQA", 1), ("svamp", 1)]
+
+    (gsm,) = records(out, "gsm8k", "train")
+    assert gsm["answer"] == "72"
+    assert gsm["meta"]["gold_rationale"] == solution.rsplit("####", 1)[0].strip()
+    (sqa,) = records(out, "strategyQA", "train")
+    assert sqa["answer"] == "no" and sqa["meta"]["facts"] == "Hawaiians eat much Spam. Kalua pig is famous."
+    assert sqa["meta"]["answer_raw"] == "false" and sqa.get("context") in (None, "")
+    (lqa,) = records(out, "logiQA", "train")
+    assert (lqa["answer"], lqa["choices"]) == (options[0], options)
+    assert lqa["context"].startswith("Southerners like peppers.")
+    (sv,) = records(out, "svamp", "train")
+    assert sv["answer"] == "145"
+
+
+def test_fair_malformed_gold_names_file_and_line(tmp_path):
+    root = tmp_path / "data"
+    write_json(root / "S_gsm8k_false_round0.json", [{"id": 0, "question": "q", "gold_answer": "no marker here"}])
+    with pytest.raises(FormatError, match=r"S_gsm8k_false_round0.json:2: field 'gold_answer': expected a GSM8K solution"):
+        convert("fair", root, tmp_path / "out")
