@@ -134,6 +134,8 @@ def test_training_ends_with_one_summary_line_and_predict_takes_the_run_dir(tmp_p
     assert f"step {summary['best_step']}" in capsys.readouterr().out
     (row,) = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert isinstance(row["prediction"], str)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert f"{tmp_path / 'run'} step {summary['best_step']} to " in capsys.readouterr().out  # the step exported
 
 
 def test_override_errors_name_the_override_not_the_file(tmp_path, tok_dir, capsys):  # noqa: F811
