@@ -166,6 +166,7 @@ def test_dss_svamp_source_file_is_split_as_the_reference_loader_splits_it(tmp_pa
     assert all(r["teacher_answers"]["palm"] == [r["answer"]] for r in train + test)
     assert split_of(report, "svamp", "train").teachers["palm"].agree_gold == 800
     assert any("seed 0" in n for n in split_of(report, "svamp", "test").notes)
+    assert split_of(report, "svamp", "test").layout == "SVAMP (SVAMP.json, split by the reference loader)"
 
 
 # ------------------------------------------------------------------ unknown layouts, other formats, --src

@@ -253,9 +253,10 @@ def convert_svamp_source(root: Path, folder: Path, source: Path) -> list[tuple[S
     order = np.random.RandomState(seed=SVAMP_SEED).permutation(len(rows))
     members = {"train": order[:SVAMP_TRAIN_ROWS], "test": order[SVAMP_TRAIN_ROWS:]}
     out = []
-    for split in positional.split_names(folder) or ["train", "test"]:
-        if split not in members:
-            raise FormatError(f"{folder}/llm: teacher shards for split {split!r}, but {source.name} splits into train and test")
+    others = [s for s in positional.split_names(folder) if s not in members]
+    if others:
+        raise FormatError(f"{folder}/llm: teacher shards for split {others[0]!r}, but {source.name} splits into train and test")
+    for split in members:
         rep = SplitReport(folder.name, split, gold_file=str(source.relative_to(root)))
         gold = [_svamp_row(rows[i], int(i)) for i in members[split]]
         rep.rows_read = len(gold)
@@ -264,6 +265,7 @@ def convert_svamp_source(root: Path, folder: Path, source: Path) -> list[tuple[S
         rep.notes.append(f"{source.name}: {len(rows)} rows split as the reference loader does "
                          f"(permutation, seed {SVAMP_SEED}, first {SVAMP_TRAIN_ROWS} train)")
         out.append((rep, join(root, folder.name, split, rep, gold, strings, counts)))
+        rep.layout = f"SVAMP ({source.name}, split by the reference loader)"
     return out
 
 
