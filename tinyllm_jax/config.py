@@ -246,10 +246,7 @@ def _blame_override(cls: type, raw: dict[str, Any], overrides: list[str], where:
     from_dict(cls, raw, where=where)  # the file's own error, if it has one
     for item in overrides:
         apply_override(raw, item)
-        try:
-            from_dict(cls, raw, where=f"override {item!r}")
-        except ConfigError as e:
-            raise e from None
+        from_dict(cls, raw, where=f"override {item!r}")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
