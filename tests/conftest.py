@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The reference systems' published data as archives (see README, "Converting the reference
+# systems' data"): TINYLLM_SHARED_DATA names the folder, else ../shared/data beside the repo.
+SHARED_DATA_ENV = "TINYLLM_SHARED_DATA"
+SHARED_DATA = Path(os.environ.get(SHARED_DATA_ENV) or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -67,5 +71,6 @@ def tiny_t5_dir(tmp_path_factory, spm_tokenizer_dir) -> Path:
 def shared_data_or_skip(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():
-        pytest.skip(f"{path} not present (real reference data lives outside the repo)")
+        pytest.skip(f"{path} not present: real reference data lives outside the repo; set "
+                    f"{SHARED_DATA_ENV}=/path/to/folder holding {name} to run this test")
     return path

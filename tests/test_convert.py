@@ -9,7 +9,7 @@ import pytest
 
 from tinyllm_jax.data.formats import REPORT_NAME, convert, convert_command
 from tinyllm_jax.data.formats.answers import letter_answer, normalize_number, split_embedded_choices
-from tinyllm_jax.data.formats.dss import parse_palm
+from tinyllm_jax.data.formats.dss import Palm, parse_palm
 from tinyllm_jax.data.formats.source import FormatError
 from tinyllm_jax.data.formats.tinyllm import parse_teacher_string
 from tinyllm_jax.data.records import read_jsonl
@@ -189,9 +189,9 @@ def dss_src(tmp_path) -> Path:
 
 
 def test_parse_palm():
-    assert parse_palm("R. So the answer is (d) math problem.\n\nQ: z") == ("R.", ["d"], "math problem")
-    assert parse_palm("R. So the answer is either (a) x or (b) y.") == ("R.", ["a", "b"], None)
-    assert parse_palm("R. So the answer is (a)") == ("R.", ["a"], None)
+    assert parse_palm("R. So the answer is (d) math problem.\n\nQ: z") == Palm("R.", "(d) math problem.")
+    assert parse_palm("R. So the answer is either (a) x or (b) y.") == Palm("R.", "either (a) x or (b) y.")
+    assert parse_palm("R. So the answer is (a)") == Palm("R.", "(a)")
 
 
 def test_dss_layout(dss_src, tmp_path):

@@ -238,3 +238,35 @@ def test_score_counts_accuracy_and_extractions():
 def test_score_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="2 predictions, 1 golds"):
         score("number", ["1", "2"], ["1"])
+
+
+# --------------------------------------------------------------------------- code-like text (issue 14)
+
+CODE_LIKE = [
+    "eval('67 - 35')", "exec('print(32)')", "os.system('echo 32')", "The answer is os.system('echo 32')",
+    "'67 - 35'", "abs(-32)", "math.floor(32.5)", "x+32", "32*x", "So the answer is exec('yes')",
+]
+
+
+@pytest.mark.parametrize("text", CODE_LIKE)
+@pytest.mark.parametrize("task", ["equation", "number", "choice", "yesno", "text"])
+def test_code_like_text_scores_wrong_in_every_type(task, text):
+    assert extract(task, text) is None
+    for gold in ("32", "( 67.0 - 35.0 )", "yes"):
+        assert not is_correct(task, text, gold, ["32", "yes", "no"] if task == "choice" else ())
+
+
+@pytest.mark.parametrize("text", ["1e400", "1e308*10", "The answer is 1e400", "1.2.3", "2e5 - 3"])
+@pytest.mark.parametrize("task", ["equation", "number"])
+def test_overflowing_or_malformed_numbers_are_not_read_as_their_digits(task, text):
+    assert extract(task, text) is None
+    for gold in ("1", "400", "308", "10", "3080", "1.2", "3", "5"):
+        assert not is_correct(task, text, gold)
+
+
+def test_plain_text_around_code_guard_still_reads():
+    # apostrophes, plurals in parentheses and units are English, not code
+    assert extract("number", "It's 32 apples") == "32"
+    assert extract("number", "He has 3 book(s). The answer is 3") == "3"
+    assert extract("equation", "x = 67 - 35") == "32"
+    assert extract("yesno", "Jessica's answer: yes") == "yes"

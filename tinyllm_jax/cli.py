@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("predict", help="greedy predictions for a JSONL file of inputs")
-    p.add_argument("--model", required=True, help="HF model directory or hub id")
+    p.add_argument("--model", required=True, help="a training run directory (its selected checkpoint), HF model directory or hub id")
     p.add_argument("--input", required=True, help='JSONL, one {"input": "..."} a line')
     p.add_argument("--output", required=True, help="JSONL with \"prediction\" added, input order")
     p.add_argument("--max-new-tokens", type=int, default=64)

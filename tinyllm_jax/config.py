@@ -7,6 +7,7 @@ dotted key, what was expected and what was found, with close matches suggested.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -259,9 +260,23 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at top level, found {type(raw).__name__}")
+    file_raw = copy.deepcopy(raw)
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(cls, raw, where=where)
+    try:
+        return from_dict(cls, raw, where=where)
+    except ConfigError:
+        _blame_override(cls, file_raw, overrides, where)
+        raise
+
+
+def _blame_override(cls: type, raw: dict[str, Any], overrides: list[str], where: str) -> None:
+    """When the file alone is valid, the error names the first override that breaks it
+    ("override 'train.steps=many': key 'train.steps': ..."), not the file."""
+    from_dict(cls, raw, where=where)  # the file's own error, if it has one
+    for item in overrides:
+        apply_override(raw, item)
+        from_dict(cls, raw, where=f"override {item!r}")
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

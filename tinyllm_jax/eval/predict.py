@@ -37,15 +37,16 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
 
 def predict_file(model: str, input_path: str, output_path: str, max_new_tokens: int = 64,
                  batch_size: int = 32) -> int:
-    """Writes OUTPUT with each input row plus "prediction"; nothing is written on error."""
+    """Writes OUTPUT with each input row plus "prediction"; nothing is written on error.
+    `model`: a training run directory (its selected checkpoint), an HF directory or a hub id."""
     if max_new_tokens < 1 or batch_size < 1:
         raise UserError("--max-new-tokens and --batch-size must be at least 1")
     rows = read_inputs(input_path)  # validate input before loading any weights
     from tinyllm_jax.eval.decode import generate_texts
-    from tinyllm_jax.model.hf import load_pretrained
+    from tinyllm_jax.runs import load_model
 
-    _, params, tokenizer, cfg = load_pretrained(model)
-    preds = generate_texts(cfg, params, tokenizer, [r["input"] for r in rows], max_new_tokens,
+    loaded = load_model(model)
+    preds = generate_texts(loaded.t5cfg, loaded.params, loaded.tokenizer, [r["input"] for r in rows], max_new_tokens,
                            batch_size=min(batch_size, len(rows)), progress=True)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,5 +55,6 @@ def predict_file(model: str, input_path: str, output_path: str, max_new_tokens: 
         for row, pred in zip(rows, preds):
             f.write(json.dumps({**row, "prediction": pred}, ensure_ascii=False) + "\n")
     tmp.replace(out)
-    print(f"wrote {len(rows)} predictions to {out}")
+    what = f"{model} step {loaded.step}" if loaded.step is not None else model
+    print(f"wrote {len(rows)} predictions of {what} to {out}")
     return len(rows)

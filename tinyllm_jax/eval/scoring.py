@@ -66,6 +66,26 @@ def _answer_span(text: str) -> str:
     return final_answer(text) or _own_answer(text)
 
 
+# Code is never an answer, whatever it holds: a call (`f(x)`, `os.system(...)`; "book(s)"
+# is English), a dunder, a subscript or a set/dict, a backtick, a backslash, a quoted literal
+# holding a digit (`'67 - 35'`), a name glued to arithmetic (`x+32`), the words that open code.
+_CODE_LIKE = re.compile(
+    r"(?<![\w.])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\((?!s\))"
+    r"|__|[\[\]{}`\\]"
+    r"|(?<!\w)(['\"])[^'\"\n]*\d[^'\"\n]*\1"
+    r"|[A-Za-z_]\w*[+*/%]\d|\d[+*/%][A-Za-z_]"
+    r"|\b(?:lambda|import|exec|eval)\b"
+)
+# A number in exponent form ("1e400", "1e308*10") or with two decimal points ("1.2.3"): no
+# digit run inside it is a number of its own.
+_MALFORMED_NUMBER = re.compile(r"\d\.?[eE][-+]?\d|\d\.\d+\.\d")
+
+
+def looks_like_code(text: str) -> bool:
+    """True when `text` holds code (calls, attribute calls, quoted literals with digits...)."""
+    return _CODE_LIKE.search(text) is not None
+
+
 # --------------------------------------------------------------------------- the safe evaluator
 
 _BINARY = {
@@ -121,6 +141,12 @@ class AnswerType:
     name = ""
 
     def extract(self, text: str, choices: Sequence[str] = ()) -> str | None:
+        """The canonical answer, or None; text whose answer part looks like code gives none."""
+        if looks_like_code(_answer_span(text)):
+            return None
+        return self._extract(text, choices)
+
+    def _extract(self, text: str, choices: Sequence[str]) -> str | None:
         raise NotImplementedError
 
     def same(self, a: str, b: str, choices: Sequence[str] = ()) -> bool:
@@ -130,7 +156,7 @@ class AnswerType:
 class TextAnswer(AnswerType):
     name = "text"
 
-    def extract(self, text, choices=()):
+    def _extract(self, text, choices):
         return normalize_text(_answer_span(text)) or None
 
 
@@ -156,7 +182,7 @@ class ChoiceAnswer(AnswerType):
 
     name = "choice"
 
-    def extract(self, text, choices=()):
+    def _extract(self, text, choices):
         span = _answer_span(text)
         if not choices:
             letter, rest = _split_label(span)
@@ -234,12 +260,14 @@ class NumberAnswer(AnswerType):
     def __init__(self, tolerance: float = NUMBER_TOLERANCE):
         self.tolerance = tolerance
 
-    def extract(self, text, choices=()):
+    def _extract(self, text, choices):
         span = final_answer(text)
-        if span is not None and _numbers(span):
-            return self._first_result(span)
-        sentences = [s for s in _SENTENCE_END.split(_own_answer(text)) if _numbers(s)]
-        return self._first_result(sentences[-1]) if sentences else None
+        if span is None or not _numbers(span):
+            sentences = [s for s in _SENTENCE_END.split(_own_answer(text)) if _numbers(s)]
+            span = sentences[-1] if sentences else None
+        if span is None or _MALFORMED_NUMBER.search(span):
+            return None
+        return self._first_result(span)
 
     @staticmethod
     def _first_result(sentence: str) -> str:
@@ -255,8 +283,22 @@ class NumberAnswer(AnswerType):
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _TIMES = re.compile(r"(?<=[\d)])\s*[x\u00d7]\s*(?=[\d(])")
 _ARITH_RUN = re.compile(r"[\d.\s+\-*/%()]+")
-# Text that looks like code gives no answer, even where a digit could be fished out of it.
-_CODE_LIKE = re.compile(r"[_\[\]{}\"`;\\]|\b(?:lambda|import)\b")
+_GLUE = re.compile(r"[\w'\"]")
+# In an expression these are code too (an underscore name, a string, a statement separator).
+_CODE_CHARS = re.compile(r"[_\";]")
+
+
+def _standalone_runs(span: str) -> list[str]:
+    """Maximal runs of arithmetic holding a digit, last first, except those glued to a name
+    or a quote ("x+32" gives no "+32")."""
+    runs = []
+    for m in _ARITH_RUN.finditer(span):
+        run, start, end = m.group(), m.start(), m.end()
+        glued_before = start > 0 and not run[0].isspace() and _GLUE.match(span[start - 1])
+        glued_after = end < len(span) and not run[-1].isspace() and _GLUE.match(span[end])
+        if re.search(r"\d", run) and not glued_before and not glued_after:
+            runs.append(run)
+    return runs[::-1]
 
 
 def _as_arithmetic(text: str) -> str:
@@ -271,13 +313,11 @@ class EquationAnswer(NumberAnswer):
 
     name = "equation"
 
-    def extract(self, text, choices=()):
+    def _extract(self, text, choices):
         span = _as_arithmetic(_answer_span(text))
-        if _CODE_LIKE.search(span):
+        if _CODE_CHARS.search(span) or _MALFORMED_NUMBER.search(span):
             return None
-        sides = span.split("=")[::-1]
-        runs = [r for r in _ARITH_RUN.findall(span) if re.search(r"\d", r)][::-1]
-        for candidate in sides + runs:
+        for candidate in span.split("=")[::-1] + _standalone_runs(span):
             try:
                 return _format_number(evaluate_arithmetic(candidate))
             except ValueError:
@@ -299,7 +339,7 @@ class YesNoAnswer(AnswerType):
 
     name = "yesno"
 
-    def extract(self, text, choices=()):
+    def _extract(self, text, choices):
         span, own = final_answer(text), _own_answer(text)
         if span is not None:
             found = self._by_letter(span, choices) or next(iter(self._verdicts(span)), None)

@@ -286,6 +286,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
 
     from tinyllm_jax.data.packing import PackedIterator
     from tinyllm_jax.data.streams import examples_for_split, stream_weights
+    from tinyllm_jax.model.tokenizer import check_coverage
     from tinyllm_jax.train.student import build_student, prepare_demo_data
 
     setup_logging()
@@ -302,6 +303,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp "
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
     examples = examples_for_split(cfg.data, "train", tokenizer)
+    check_coverage(tokenizer, examples)  # a tokenizer that cannot read the data stops here
     data = PackedIterator(examples, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length,
                           seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row)
     long_rows = cfg.train.batch_size // data.long_factor
@@ -408,12 +410,37 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
                 params = restored["params"]
             result["test"] = evaluator(params, best or total, "test")
             result["test_checkpoint_step"] = best or total
+        result |= _best_validation(run_dir, ckpt.best_step(), cfg.checkpoint.best_metric)
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
+        if jax.process_index() == 0:
+            print(_summary_line(result, run_dir / "summary.json", cfg.checkpoint.best_metric), flush=True)
         return result
     finally:
         bar.close()
         ckpt.close()
         metrics_log.close()
+
+
+def _best_validation(run_dir: Path, best: int | None, metric: str) -> dict[str, Any]:
+    """The selected step and its validation `metric`, read back from metrics.jsonl (which a
+    resumed run shares with the runs before it)."""
+    value = None
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("step") == best and metric in row:
+            value = row[metric]
+    return {"best_step": best, f"best_{metric}": value}
+
+
+def _summary_line(result: dict[str, Any], summary: Path, metric: str) -> str:
+    """One line to end a run on: the selected step, its validation score, test accuracy."""
+    best, value = result.get("best_step"), result.get(f"best_{metric}")
+    chosen = (f"best step {best} ({metric.removeprefix('eval_')} on validation {value:.4f})" if value is not None
+              else f"kept step {best} (no validation score)")
+    test = result.get("test") or {}
+    tested = f", test accuracy {test['test_accuracy']:.4f}" if "test_accuracy" in test else ""
+    return f"trained {result['steps']} steps: {chosen}{tested}; summary: {summary}"
 
 
 def _make_evaluator(cfg: Config, t5cfg: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
@@ -424,6 +451,9 @@ def _make_evaluator(cfg: Config, t5cfg: T5Config, tokenizer, mesh, run_dir: Path
         return None
 
     evaluation = Evaluation(cfg, t5cfg, tokenizer, mesh)
+    for split in ("validation", "test"):  # read and checked now: a bad file fails in seconds, not hours
+        if has_split(cfg.data, split):
+            evaluation._inputs(split)
 
     def run(params, step: int, split: str) -> dict[str, float] | None:
         if not has_split(cfg.data, split):

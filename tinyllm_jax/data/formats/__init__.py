@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from tinyllm_jax.data.formats import dss, fair, mentor_kd, tinyllm
+from tinyllm_jax.data.formats import detect, dss, fair, mentor_kd, tinyllm
 from tinyllm_jax.data.formats.report import Report, SplitReport
 from tinyllm_jax.data.formats.source import FormatError
 from tinyllm_jax.data.records import write_jsonl
@@ -28,8 +28,9 @@ REPORT_NAME = "convert_report.json"
 
 
 def convert(format: str, src: str | Path, out: str | Path) -> Report:
-    """Converts the reference data under `src` (the unpacked folder, or the folder it was
-    unpacked into) and writes one JSONL a split under `out`, plus the report as JSON."""
+    """Converts the reference data under `src` (the unpacked folder, the folder it was
+    unpacked into, or one dataset's folder) and writes one JSONL a split under `out`, plus
+    the report as JSON. Data of another format is refused before anything is read in full."""
     if format not in FORMATS:
         raise FormatError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
     top, converter = FORMATS[format]
@@ -38,6 +39,7 @@ def convert(format: str, src: str | Path, out: str | Path) -> Report:
         raise FormatError(f"{root}: not a folder (--src should be the unpacked {format} data)")
     if (root / top).is_dir():
         root = root / top
+    detect.check(format, root)  # data of another format is refused, naming what it holds
     out = Path(out)
     report = Report(format, str(root), str(out))
     converted = converter(root)

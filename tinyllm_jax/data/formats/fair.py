@@ -11,6 +11,17 @@ Teachers are named by the fields ("gpt", "gemini", "mistral"). A teacher's ratio
 kept only when it is among `correct_rationale`; its peer scores go to provenance, the
 feedback to `feedback`, the student's wrong answer to meta. Round 0 is split "train",
 round r > 0 "train_round{r}". The student's name is read up to the first underscore.
+
+The repository publishes round 0 for gsm8k, svamp, strategyQA and logiQA, each with its own
+gold (as its `infer_student_wrong.py` writes them), read here per dataset:
+
+    gsm8k       the worked solution ending "#### 72": the number is the answer, the solution
+                before it is kept as meta["gold_rationale"]
+    strategyQA  "false.\tfact. fact.": the verdict is the answer ("no" / "yes"), the facts go
+                to meta["facts"] (not to context: they would hand the student the answer)
+    logiQA      {context, question, options, gold_answer: the option's index}: the passage
+                goes to context, the options to choices, the answer is the option's text
+    svamp       a number
 """
 
 from __future__ import annotations
@@ -20,13 +31,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tinyllm_jax.data.formats.answers import gold_answer, same_text
+from tinyllm_jax.data.formats.answers import gold_answer, normalize_number, same_text
 from tinyllm_jax.data.formats.build import add_rationale
 from tinyllm_jax.data.formats.report import SplitReport
 from tinyllm_jax.data.formats.source import FormatError, Row, field, is_empty, read_rows
 from tinyllm_jax.data.records import make_record
 
-_NAME = re.compile(r"(?P<student>[^_]+)_(?P<d>.+)_(?P<kind>false|feedback|rationale)_round(?P<round>\d+)\.json")
+FILE_NAME = re.compile(r"(?P<student>[^_]+)_(?P<d>.+)_(?P<kind>false|feedback|rationale)_round(?P<round>\d+)\.json")
 _STUDENT_FIELDS = ("student_wrong_pred", "student_wrong_final_answer")
 
 
@@ -34,7 +45,7 @@ def convert(root: Path) -> list[tuple[SplitReport, list[dict[str, Any]]]]:
     groups: dict[tuple[str, int], dict[str, Path]] = defaultdict(dict)
     students: dict[tuple[str, int], str] = {}
     for path in sorted(root.glob("*.json")):
-        if not (m := _NAME.fullmatch(path.name)):
+        if not (m := FILE_NAME.fullmatch(path.name)):
             continue
         key = (m["d"], int(m["round"]))
         if students.setdefault(key, m["student"]) != m["student"]:
@@ -77,10 +88,50 @@ def convert_group(root: Path, d: str, round_: int, student: str,
 
 def _gold_record(row: Row, d: str, split: str, index: int, student: str, round_: int) -> dict[str, Any]:
     source_id = str(field(row, "id", (str, int)))
-    answer, extra = gold_answer(str(field(row, "gold_answer", (str, int, float))))
+    raw = str(field(row, "gold_answer", (str, int, float)))
+    reader = _GOLD_READERS.get(d.casefold(), _plain_gold)
+    answer, choices, context, extra = reader(row, raw)
     meta = {"format": "fair", "dataset": d, "split": split, "source_id": source_id, "student": student, "round": round_}
     meta |= {k: row.value[k] for k in _STUDENT_FIELDS if k in row.value} | extra
-    return make_record(f"{d}-{split}-{index}", field(row, "question"), answer, meta=meta)
+    return make_record(f"{d}-{split}-{index}", field(row, "question"), answer, choices, context, meta=meta)
+
+
+def _plain_gold(row: Row, raw: str):
+    answer, extra = gold_answer(raw)
+    return answer, [], None, extra
+
+
+def _gsm8k_gold(row: Row, raw: str):
+    solution, mark, final = raw.rpartition("####")
+    number = normalize_number(final) if mark else None
+    if number is None:
+        raise FormatError(f"{row.where}: field 'gold_answer': expected a GSM8K solution ending '#### <number>', "
+                          f"found {raw[-60:]!r}")
+    return number, [], None, {"answer_raw": final.strip(), "gold_rationale": solution.strip()}
+
+
+def _strategyqa_gold(row: Row, raw: str):
+    verdict, _, facts = raw.partition("\t")
+    verdict = verdict.strip().rstrip(".").strip().casefold()
+    if verdict not in _VERDICTS:
+        raise FormatError(f"{row.where}: field 'gold_answer': expected 'true.' or 'false.' then the facts, "
+                          f"found {raw[:60]!r}")
+    return _VERDICTS[verdict], [], None, {"answer_raw": verdict, **({"facts": facts.strip()} if facts.strip() else {})}
+
+
+def _logiqa_gold(row: Row, raw: str):
+    options = field(row, "options", list)
+    if not options or not all(isinstance(o, str) for o in options):
+        raise FormatError(f"{row.where}: field 'options': expected a list of texts, found {options!r:.80}")
+    if not raw.strip().isdigit() or int(raw) >= len(options):
+        raise FormatError(f"{row.where}: field 'gold_answer': expected an option index 0-{len(options) - 1}, found {raw!r}")
+    context = row.value.get("context")
+    return options[int(raw)], options, context.strip() if isinstance(context, str) and context.strip() else None, \
+        {"answer_raw": raw}
+
+
+_VERDICTS = {"true": "yes", "false": "no", "yes": "yes", "no": "no"}
+_GOLD_READERS = {"gsm8k": _gsm8k_gold, "strategyqa": _strategyqa_gold, "logiqa": _logiqa_gold}
 
 
 def _join(rep: SplitReport, path: Path, kind: str, by_id: dict[str, dict[str, Any]]) -> None:

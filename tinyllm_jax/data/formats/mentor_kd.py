@@ -10,7 +10,10 @@
 Chains join the gold rows by their question text. Teachers: "teacher" (the LLM's chains)
 and "mentor" (the fine-tuned mentor's samples); only chains whose answer was correct
 (`initial_correct`) are kept, and the report counts the others. A chain file published
-empty means no chains for that dataset and is reported as such.
+empty means no chains for that dataset and is reported as such. A chain's `completion` (the
+answer it ends with: " (F).", " B.", ' "yajo".', " probably no.", "32.0") is read the same
+way in every file, as the gold of its dataset is written: a choice's text or letter, a
+number, Yes/No, or the bare text; one that states none is counted, not kept.
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ def _join_chains(root: Path, rep: SplitReport, records: list[dict[str, Any]], by
         rep.notes.append(f"{label} holds no chains (a copy of the gold rows): not used")
         return
     count = rep.teacher(source.teacher)
-    counts = {"join": "question text", "rows": len(rows), "rows_without_gold_row": 0, "answer_differs_from_gold": 0}
+    counts = {"join": "question text", "rows": len(rows), "rows_without_gold_row": 0, "answer_differs_from_gold": 0,
+              "completion_unreadable": 0}
     for row in rows:
         question, chain = field(row, "input"), field(row, "chain")
         said = str(field(row, "answer", (str, int, float)))
@@ -134,10 +138,39 @@ def _join_chains(root: Path, rep: SplitReport, records: list[dict[str, Any]], by
             if source.mentor_model:
                 origin["model"] = source.mentor_model
             completion = row.value.get("completion")
-            stated = (normalize_number(completion) or completion.strip()) if isinstance(completion, str) else None
+            stated = stated_answer(completion, record) if isinstance(completion, str) else None
+            counts["completion_unreadable"] += isinstance(completion, str) and stated is None
             add_rationale(record, source.teacher, chain, origin, stated)
     counts["questions_with_rows"] = len({_key(r.value["input"]) for r in rows})
     rep.alignment[label] = counts
+
+
+_EDGES = " \t\n.\"'\u201c\u201d\u2018\u2019"
+_A_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_YES_NO = re.compile(r"\b(yes|no)\b", re.I)
+_BARE_LETTER = re.compile(r"\(?([A-Za-z])\)?")
+
+
+def stated_answer(completion: str, record: dict[str, Any]) -> str | None:
+    """A chain's completion in the form of the record's gold answer, or None when it states
+    none: " (F)." -> "F" (letter gold) or the choice's text (CSQA), "32.0" -> "32",
+    " probably no." -> "No", ' "yajo".' -> "yajo"."""
+    text = completion.strip(_EDGES)
+    gold = record["answer"]
+    raw = record["meta"].get("answer_raw", gold)
+    if record["choices"]:
+        return letter_answer(text, record["choices"]) or next(
+            (c for c in record["choices"] if c.casefold() == text.casefold()), None)
+    if re.fullmatch(r"[A-Z]", raw):  # lettered choices written inside the question
+        m = _BARE_LETTER.fullmatch(text)
+        return m.group(1).upper() if m else None
+    if normalize_number(gold) is not None:
+        m = _A_NUMBER.search(text)
+        return normalize_number(m.group(0)) if m else None
+    if gold.casefold() in ("yes", "no"):
+        m = _YES_NO.search(text)
+        return None if m is None else (m.group(1).capitalize() if gold[:1].isupper() else m.group(1).lower())
+    return text or None
 
 
 def _same_answer(said: str, record: dict[str, Any]) -> bool:

@@ -12,12 +12,18 @@ from tinyllm_jax.data.formats.report import SplitReport, split_rank
 from tinyllm_jax.data.formats.source import FormatError, Row, field, is_empty, numbered, read_rows, text_row
 
 
-def dataset_folders(root: Path, layout: str) -> list[Path]:
-    """Folders of `root` holding a gold file or teacher shards; raises when there are none."""
-    folders = [
-        p for p in sorted(root.iterdir())
-        if p.is_dir() and (list(p.glob(f"{p.name}_*.json")) or list(p.glob("llm/*_CoT_*.json")))
-    ]
+def holds_dataset(folder: Path, extra: tuple[str, ...] = ()) -> bool:
+    """Does `folder` hold one dataset: a gold file `{d}_*.json`, teacher shards, or `extra`?"""
+    return bool(list(folder.glob(f"{folder.name}_*.json")) or list(folder.glob("llm/*_CoT_*.json"))
+                or any((folder / name).is_file() for name in extra))
+
+
+def dataset_folders(root: Path, layout: str, extra: tuple[str, ...] = ()) -> list[Path]:
+    """`root` itself when it is one dataset's folder, else its folders that hold one;
+    raises when there are none."""
+    if holds_dataset(root, extra):
+        return [root]
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and holds_dataset(p, extra)]
     if not folders:
         raise FormatError(
             f"{root}: no {layout} data found: expected folders {{d}}/ holding {{d}}_{{split}}.json "
@@ -27,8 +33,9 @@ def dataset_folders(root: Path, layout: str) -> list[Path]:
 
 
 def convert_all(root: Path, layout: str, convert_split) -> list[tuple[SplitReport, list[dict[str, Any]]]]:
-    """`convert_split(root, folder, split)` over every dataset folder and split of `root`."""
-    return [convert_split(root, folder, split)
+    """`convert_split(folder.parent, folder, split)` over every dataset folder and split of
+    `root` (paths in reports and provenance start at the dataset's folder name)."""
+    return [convert_split(folder.parent, folder, split)
             for folder in dataset_folders(root, layout) for split in split_names(folder)]
 
 

@@ -38,6 +38,7 @@ class SplitReport:
     split: str
     gold_file: str
     status: str = "written"  # or "not written: <why>"
+    layout: str | None = None  # which of the format's layouts the files were read as
     rows_read: int = 0
     rows_written: int = 0
     output: str | None = None
@@ -107,7 +108,8 @@ class Report:
         lines.append("")
         for s in self.splits:
             where = f"{s.dataset}/{s.split}"
-            lines.append(f"{where}: {s.status}" + (f" -> {s.output}" if s.output else ""))
+            lines.append(f"{where}: {s.status}" + (f" -> {s.output}" if s.output else "")
+                         + (f" (layout: {s.layout})" if s.layout else ""))
             for label, counts in s.alignment.items():
                 lines.append(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
             lines += [f"  note: {n}" for n in s.notes]
