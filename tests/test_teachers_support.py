@@ -229,10 +229,11 @@ class RecordingProxy:
 # --------------------------------------------------------------------------- tiny causal LM
 
 
-def make_tiny_causal_lm(out_dir: Path) -> Path:
+def make_tiny_causal_lm(out_dir: Path, seed: int = 0, text: str = "") -> Path:
     """A random 2-layer Llama (hidden 32) with a byte-level BPE tokenizer and a chat template,
     saved with save_pretrained. Its generation config has no EOS, so every answer runs to
-    max_tokens and is never empty."""
+    max_tokens and is never empty. `text` adds to what the tokenizer is trained on (pieces
+    such as "[5]" then come out of the random model now and then)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -243,12 +244,12 @@ def make_tiny_causal_lm(out_dir: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["Question: Which colour? Options: (a) red (b) blue Answer: (a) "
-                             "Rationale: Let's think step by step."] * 10, trainer)
+                             "Rationale: Let's think step by step." + text] * 10, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}assistant: {% endif %}")
     fast.save_pretrained(out_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                       pad_token_id=fast.pad_token_id, bos_token_id=None, eos_token_id=None)
@@ -262,9 +263,10 @@ def make_tiny_causal_lm(out_dir: Path) -> Path:
 
 
 class Server:
-    """`transformers serve MODEL_DIR` on a loopback port; `start`, `kill` and start again."""
+    """`transformers serve MODEL_DIR` on a loopback port; `start`, `kill` and start again.
+    With `model_dir` None it serves any local model a request names (loaded on demand)."""
 
-    def __init__(self, model_dir: Path, log: Path):
+    def __init__(self, model_dir: Path | None, log: Path):
         self.model_dir, self.log = model_dir, log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -276,7 +278,8 @@ class Server:
         exe = str(exe) if exe.exists() else shutil.which("transformers")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([exe, "serve", str(self.model_dir), "--device", "cpu", "--host", "127.0.0.1",
+            model = [str(self.model_dir)] if self.model_dir is not None else []
+            self.proc = subprocess.Popen([exe, "serve", *model, "--device", "cpu", "--host", "127.0.0.1",
                                           "--port", str(self.port), "--dtype", "float32"],
                                          env=env, stdout=log, stderr=subprocess.STDOUT)
         self.starts += 1

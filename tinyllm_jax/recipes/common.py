@@ -79,9 +79,9 @@ def data_stage(cfg: RecipeConfig, run_dir: Path, name: str = "data") -> Stage:
     record files (read and checked, one file a split)."""
     out = stage_dir(run_dir, name)
     src = cfg.source
-    user_files = [Path(p) for s in SPLITS for p in getattr(src, s)]
+    user_files = {Path(p): f"source.{s}" for s in SPLITS for p in getattr(src, s)}
     if src.convert is not None:
-        user_files.append(Path(src.convert.src))
+        user_files[Path(src.convert.src)] = "source.convert.src"
 
     def run() -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)

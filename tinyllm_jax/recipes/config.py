@@ -59,6 +59,9 @@ class FairConfig:
     feedback_template: str = "fair_feedback"
     rationale_template: str = "fair_rationale"
     review_template: str = "fair_review"
+    # records of the reference's published round 0 (`tinyllm convert fair`): round 1 trains on
+    # its student's mistakes, feedback and reviewed rationales; later rounds mine our student
+    round1_records: Optional[str] = None
     mine_temperature: float = 0.0  # 0: greedy mining; the reference sampled at 0.3, top-p 0.9
     mine_top_p: float = 1.0
     seed: int = 0

@@ -51,6 +51,11 @@ def stages(cfg: RecipeConfig, run_dir: Path) -> list[Stage]:
         student = "warmup"
     for r in range(1, cfg.fair.rounds + 1):
         rd = f"round{r}"
+        if r == 1 and cfg.fair.round1_records:  # the reference's published round 0: its student's mistakes
+            out.append(train_stage(cfg, run_dir, rd, student, previous=[], published=Path(cfg.fair.round1_records)))
+            student = f"{rd}/train"
+            out.append(common.evaluate_stage(cfg, run_dir, train_from=student_run(student), name=f"{rd}/evaluate"))
+            continue
         out.append(mine_stage(cfg, run_dir, rd, student))
         out.append(teacher_stage(cfg, run_dir, rd, "feedback", cfg.fair.feedback_template))
         out.append(teacher_stage(cfg, run_dir, rd, "rationales", cfg.fair.rationale_template))
@@ -81,7 +86,7 @@ def check(cfg: RecipeConfig) -> None:
                           "(each rationale is scored by the others); set fair.review=false for one teacher")
     if f.rounds < 1:
         raise ConfigError(f"fair.rounds: expected >= 1, found {f.rounds}")
-    if not cfg.model.init and f.warmup_steps <= 0:
+    if not cfg.model.init and f.warmup_steps <= 0 and not (f.round1_records and f.rounds == 1):
         raise ConfigError("fair: round 1 mines the mistakes of a student that can already answer: set model.init "
                           "(a pretrained T5 or a training run) or fair.warmup_steps (train it on the gold answers first)")
 
@@ -305,10 +310,11 @@ def feedback_input(rec: dict[str, Any]) -> str:
             f"Hint: the correct answer is {rec['answer']}.")
 
 
-def training_records(cfg: RecipeConfig, rd: str, feedback: list[dict], reviewed: list[dict]) -> list[dict[str, Any]]:
+def training_records(cfg: RecipeConfig, rd: str, feedback: list[dict], reviewed: list[dict],
+                     teachers: list[str] | None = None) -> list[dict[str, Any]]:
     """A rationale record and a feedback record per mistake, from the training teachers'
     accepted rationales and their feedback (one of each, seeded, or all: `fair.pick`)."""
-    teachers = _train_teachers(cfg)
+    teachers = teachers or _train_teachers(cfg)
     fb = {r["id"]: r for r in feedback}
     out = []
     for rec in reviewed:
@@ -327,9 +333,29 @@ def training_records(cfg: RecipeConfig, rd: str, feedback: list[dict], reviewed:
     return out
 
 
-def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, previous: list[str]) -> Stage:
+def published_round(path: Path) -> tuple[list[dict], list[dict]]:
+    """(feedback, reviewed) from records of published FAIR data (`tinyllm convert fair`): the
+    reference student's mistakes, its teachers' feedback and their rationales that passed
+    its review; the student's answer is `meta.student_wrong_pred`."""
+    from tinyllm_jax.data.sources import load_records
+
+    records, _ = load_records([str(path)], "files")
+    reviewed, feedback = [], []
+    for r in records:
+        meta = {**(r.get("meta") or {}), "student_answer": (r.get("meta") or {}).get("student_wrong_pred", "")}
+        reviewed.append({**r, "meta": meta})
+        feedback.append({"id": r["id"], "rationales": {t: [x] for t, x in (r.get("feedback") or {}).items() if x}})
+    if not any(f["rationales"] for f in feedback) and not any(r["rationales"] for r in reviewed):
+        raise UserError(f"fair.round1_records: {path} has no feedback and no rationales (expected the output of "
+                        "`tinyllm convert fair`)")
+    return feedback, reviewed
+
+
+def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, previous: list[str],
+                published: Path | None = None) -> Stage:
     """This round's (or, with carry_over: accumulate, every round's) feedback and rationale
-    records, and the student trained on them from the current student."""
+    records, and the student trained on them from the current student. With `published`,
+    the round's material is the reference's published round 0 instead of our own stages."""
     out = stage_dir(run_dir, f"{rd}/train")
     run_path = stage_dir(run_dir, student_run(f"{rd}/train"))
     accepted_from = f"{rd}/review" if cfg.fair.review else f"{rd}/rationales"
@@ -339,7 +365,12 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
     def run() -> dict[str, Any]:
         from tinyllm_jax.train.loop import train
 
-        records = training_records(cfg, rd, _read(feedback), _read(reviewed))
+        if published:  # the published teachers' names, unless fair.train_teachers picks some
+            fb, rv = published_round(published)
+            names = cfg.fair.train_teachers or sorted({t for r in fb + rv for t in r["rationales"]})
+        else:
+            fb, rv, names = _read(feedback), _read(reviewed), None
+        records = training_records(cfg, rd, fb, rv, names)
         if cfg.fair.carry_over == "accumulate":
             for k in previous:
                 records = _read(stage_dir(run_dir, f"{k}/train") / "train.jsonl") + records
@@ -347,7 +378,7 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
         counts = {s: sum(bool(r["rationales"].get(s)) for r in records) for s in (FEEDBACK, RATIONALE)}
         if not records:
             raise UserError(f"{rd}: nothing to train on: no feedback and no accepted rationale "
-                            f"({len(_read(reviewed))} mistakes)")
+                            f"({len(rv)} mistakes)")
         streams = [dataclasses.replace(s, optional=True) for s in cfg.data.streams]  # a round may lack one
         splits = {**common.read_manifest(stage_dir(run_dir, "data")), "train": out / "train.jsonl"}
         tcfg = common.train_config(cfg, run_path, splits, eval=_eval_config(cfg),
@@ -360,6 +391,9 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
 
     settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, eval=_eval_config(cfg))),
                 "init": init, "fair": common.settings_of(cfg.fair)}
+    if published:
+        return Stage(f"{rd}/train", run, settings, writes=[run_path / "summary.json"],
+                     user_files={published: "fair.round1_records"})
     return Stage(f"{rd}/train", run, settings, writes=[run_path / "summary.json"], reads=[reviewed, feedback])
 
 
@@ -377,6 +411,8 @@ def report(cfg: RecipeConfig, run_dir: Path) -> dict[str, Any]:
         rd = f"round{r}"
         res = {name: (read_record(run_dir, f"{rd}/{name}") or {}).get("result") or {}
                for name in ("mine", "feedback", "rationales", "review", "train", "evaluate")}
+        if r == 1 and cfg.fair.round1_records:
+            res["mine"] = {"mistakes": "published"}
         rounds.append({
             "round": r, "mistakes": res["mine"].get("mistakes"), "train_accuracy": res["mine"].get("train_accuracy"),
             "requests": sum(res[k].get("requests", 0) for k in ("feedback", "rationales", "review")),

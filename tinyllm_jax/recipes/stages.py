@@ -45,7 +45,8 @@ class Stage:
     settings: dict[str, Any]  # what shapes its output, as JSON
     writes: list[Path]  # what it leaves behind when done
     reads: list[Path] = field(default_factory=list)  # files it needs before it starts
-    user_files: list[Path] = field(default_factory=list)  # user inputs: their content is fingerprinted
+    # user inputs: their content is fingerprinted; path -> the config key that names it
+    user_files: dict[Path, str] = field(default_factory=dict)
     fresh_on_change: bool = True
     plan: Callable[[], str] | None = None  # --dry-run: what is left to do (e.g. requests to send), even
     # before the earlier stages have run
@@ -84,13 +85,15 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def missing_user_files(stage: Stage) -> list[str]:
+    return [f"{key} = {path}" for path, key in stage.user_files.items() if not Path(path).exists()]
+
+
 def fingerprint(stage: Stage, previous: str) -> str:
     h = hashlib.sha256(json.dumps(stage.settings, sort_keys=True, default=str).encode())
     h.update(f"\x1fprevious={previous}".encode())
     for path in stage.user_files:
-        if not Path(path).exists():
-            raise StageError(f"stage {stage.name}: input {path} does not exist")
-        h.update(f"\x1f{path}={file_digest(path)}".encode())
+        h.update(f"\x1f{path}={file_digest(path) if Path(path).exists() else 'missing'}".encode())
     return h.hexdigest()[:24]
 
 
@@ -140,9 +143,14 @@ def run_stages(stages: Sequence[Stage], run_dir: str | Path, *, dry_run: bool = 
         fp = fingerprint(stage, fp)
         st = status(stage, run_dir, fp)
         statuses.append(st)
+        missing = missing_user_files(stage)
         if dry_run:
             _describe(stage, st, echo)
+            if missing:
+                echo(f"  MISSING: {'; '.join(missing)}")
             continue
+        if missing and (only is None or stage.name == only):
+            raise StageError(f"stage {stage.name}: {missing[0]} does not exist")
         if only is not None and stage.name != only:
             if names.index(stage.name) < names.index(only) and st.state != "done":
                 raise StageError(f"stage {only}: needs stage {stage.name} first, which is not done ({st.state}); "

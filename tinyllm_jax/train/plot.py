@@ -16,6 +16,7 @@ from typing import Any
 from tinyllm_jax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+ROUNDS_FILE = "rounds.json"  # a FAIR recipe's report per round
 SMOOTH_FROM = 20  # with this many points or more, a smoothed line is drawn over the raw one
 
 
@@ -72,9 +73,15 @@ def _draw_curve(ax, steps, values, label, color, width=1.3):
 
 def plot_run(run_dir: str, out: str | None = None) -> str:
     """Draws RUN_DIR/metrics.jsonl's losses (total and per stream) and eval accuracy over
-    steps into a PNG; returns its path (default RUN_DIR/plot.png)."""
+    steps into a PNG; for a FAIR recipe's directory (RUN_DIR/rounds.json), the accuracy over
+    rounds. Returns the PNG's path (default RUN_DIR/plot.png)."""
+    rounds = Path(run_dir) / ROUNDS_FILE
     metrics = Path(run_dir) / METRICS_FILE
-    fig = make_figure(read_metrics(metrics), title=Path(run_dir).resolve().name, where=str(metrics))
+    if rounds.is_file() and not metrics.is_file():
+        fig = make_rounds_figure(json.loads(rounds.read_text(encoding="utf-8"))["rounds"],
+                                 title=Path(run_dir).resolve().name)
+    else:
+        fig = make_figure(read_metrics(metrics), title=Path(run_dir).resolve().name, where=str(metrics))
     path = Path(out) if out else Path(run_dir) / "plot.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -126,4 +133,29 @@ def make_figure(rows: list[dict[str, Any]], title: str = "", where: str = "metri
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", loc="lower right")
     axes[-1].set_xlabel("step")
+    return fig
+
+
+def make_rounds_figure(rounds: list[dict[str, Any]], title: str = ""):
+    """Accuracy per round (train: 1 - mistakes mined / questions; validation; test) and the
+    mistakes mined each round."""
+    from matplotlib.figure import Figure
+
+    if not rounds:
+        raise UserError("rounds.json: no rounds to plot")
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    x = [r["round"] for r in rounds]
+    for key, label, color in (("train_accuracy", "train (mined)", "C0"), ("validation_accuracy", "validation", "C1"),
+                              ("test_accuracy", "test", "C2")):
+        pts = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=color, label=label)
+    ax.set_xticks(x)
+    ax.set_xlabel("round (train accuracy: the student that was mined in that round)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
+    ax.set_title(f"{title}: accuracy over rounds" if title else "accuracy over rounds")
     return fig
