@@ -85,10 +85,10 @@ class Evaluation:
             bs = -(-bs // d) * d  # round up: rows are split over the batch axes
         return bs
 
-    def run(self, params: Any, split: str, run_dir: str | Path | None = None, step: int | None = None,
-            sampling: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Decodes and scores `split`: greedy, or sampled with `sampling` (temperature, top_k,
-        top_p and its PRNG key, as `generate_ids` takes them)."""
+    def predict(self, params: Any, split: str, sampling: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """One scored row a record of `split` (id, input, gold, prediction, extracted answer,
+        correct): greedy, or sampled with `sampling` (temperature, top_k, top_p and its PRNG
+        key, as `generate_ids` takes them)."""
         from tinyllm_jax.eval import scoring
         from tinyllm_jax.eval.decode import generate_ids
 
@@ -103,8 +103,15 @@ class Evaluation:
             correct = scoring.is_correct(task, pred, rec["answer"], rec.get("choices", []))
             rows.append({"id": rec["id"], "input": self.tokenizer.decode(inp, skip_special_tokens=True),
                          "gold": rec["answer"], "prediction": pred, "extracted": extracted, "correct": bool(correct)})
+        return rows
+
+    def run(self, params: Any, split: str, run_dir: str | Path | None = None, step: int | None = None,
+            sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Decodes and scores `split` (see `predict`); with `run_dir`, writes the rows to
+        RUN_DIR/eval/predictions-<split>-step<N>.jsonl and the summary beside them."""
+        rows = self.predict(params, split, sampling)
         n = len(rows)
-        summary = {"split": split, "step": step, "task": task, "n": n,
+        summary = {"split": split, "step": step, "task": self.cfg.eval.task, "n": n,
                    "accuracy": sum(r["correct"] for r in rows) / max(n, 1),
                    "extracted": sum(r["extracted"] is not None for r in rows) / max(n, 1)}
         if run_dir is not None:

@@ -18,9 +18,9 @@ def method_stages(cfg: RecipeConfig) -> list[Stage]:
 
 
 def method_module(cfg: RecipeConfig):
-    from tinyllm_jax.recipes import fair, step_by_step, tinyllm
+    from tinyllm_jax.recipes import fair, mentor_kd, step_by_step, tinyllm
 
-    return {"tinyllm": tinyllm, "step_by_step": step_by_step, "fair": fair}[cfg.method]
+    return {"tinyllm": tinyllm, "step_by_step": step_by_step, "fair": fair, "mentor_kd": mentor_kd}[cfg.method]
 
 
 def recipe_command(config: str, overrides: list[str], dry_run: bool = False, only: str | None = None) -> dict[str, Any]:

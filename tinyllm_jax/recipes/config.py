@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from tinyllm_jax.config import Config, ConfigError, load_config
+from tinyllm_jax.config import Config, ConfigError, ModelConfig, OptimConfig, TrainConfig, load_config
 
 SPLITS = ("train", "validation", "test")
 
@@ -68,13 +68,35 @@ class FairConfig:
 
 
 @dataclass
+class MentorConfig:
+    """Mentor-KD's mentor (recipes/mentor_kd.py): its own model, optimiser and steps; it
+    trains on the chains stream of `data.streams`, then samples new chains for every train
+    question and gives the student soft labels (`distill:`)."""
+
+    # the reference's mentor is flan-t5-large (init: google/flan-t5-large), lr 1e-4, weight decay 0.01
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teachers: list[str] = field(default_factory=list)  # the records' teachers whose chains teach; []: all but "mentor"
+    correct_only: bool = True  # keep a teacher chain only when its answer is the gold one
+    augment: bool = True  # false: no sampling; the records' published `mentor` chains are used instead
+    samples: int = 3  # chains sampled a train question (the reference's shell: 3 at temperature 0.7)
+    temperature: float = 0.7
+    top_k: int = 50  # transformers' default, which the reference's sampling left in place
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
 class RecipeConfig(Config):
-    method: Literal["tinyllm", "step_by_step", "fair"] = "tinyllm"
+    method: Literal["tinyllm", "step_by_step", "fair", "mentor_kd"] = "tinyllm"
     source: SourceConfig = field(default_factory=SourceConfig)
     # the splits whose records get teacher rationales (only train's are trained on)
     rationale_splits: list[str] = field(default_factory=lambda: list(SPLITS))
     export: ExportConfig = field(default_factory=ExportConfig)
     fair: FairConfig = field(default_factory=FairConfig)
+    mentor: MentorConfig = field(default_factory=MentorConfig)
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> RecipeConfig:
