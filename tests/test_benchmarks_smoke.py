@@ -138,3 +138,27 @@ def test_student_without_torch_is_an_untied_v1_1_checkpoint(tmp_path):
     _, params, _, cfg = load_pretrained(str(path), tokenizer=False)
     assert not cfg.tie_word_embeddings and not cfg.scale_decoder_outputs and cfg.is_gated
     assert param_count(params) == n
+
+
+def test_distill_benchmark_quick_times_the_fused_step_and_its_parts(tmp_path):
+    """benchmarks/distill_speed.py --quick: every side timed, memory of each compiled step, a
+    teacher about twice the student, the JSON named by device and date."""
+    from benchmarks.distill_speed import main
+    from benchmarks.run import device_slug
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("distill-*-quick.json")
+    assert path.name == f"distill-{device_slug()}-{datetime.date.today().isoformat()}-quick.json"
+    r = json.loads(path.read_text())
+    sides = {"student_step", "kd_step_float32_teacher", "kd_step_bfloat16_teacher",
+             "teacher_forward_float32", "teacher_forward_bfloat16"}
+    assert set(r["step_time_s"]) == set(r["memory"]) == sides
+    assert all(t > 0 for t in r["step_time_s"].values())
+    assert 1.5 < r["teacher"]["params_ratio"] < 2.5 and r["teacher"]["vocab_size"] == r["student"]["vocab_size"]
+    mem = r["memory"]
+    # the teacher's parameters are arguments of the KD step; bf16 ones take half the bytes
+    t32 = mem["kd_step_float32_teacher"]["argument_size_in_bytes"] - mem["student_step"]["argument_size_in_bytes"]
+    t16 = mem["kd_step_bfloat16_teacher"]["argument_size_in_bytes"] - mem["student_step"]["argument_size_in_bytes"]
+    assert t32 == 4 * r["teacher"]["params"] and t16 == 2 * r["teacher"]["params"]
+    for d in ("float32", "bfloat16"):
+        assert r[f"ratio_kd_step_to_parts_{d}"] > 0 and r[f"peak_memory_ratio_{d}_teacher"] > 1

@@ -27,7 +27,7 @@ from tinyllm_jax.errors import UserError
 from tinyllm_jax.eval.evaluate import Evaluation
 from tinyllm_jax.model.t5 import T5, T5Config
 from tinyllm_jax.train import loss as loss_lib
-from tinyllm_jax.train.distill import KDSpec, Teacher, kd_spec
+from tinyllm_jax.train.distill import KDSpec, Teacher, kd_spec, load_teacher
 from tinyllm_jax.runtime import sharding
 from tinyllm_jax.runtime.checkpoint import Checkpointer
 from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device, train_flops_per_step
@@ -316,11 +316,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
                           f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
     stream_names = [s.name for s in cfg.data.streams]
-    teacher = None
-    if cfg.distill.teacher:
-        from tinyllm_jax.train.distill import load_teacher
-
-        teacher = load_teacher(cfg, t5cfg, tokenizer, mesh)
+    teacher = load_teacher(cfg, t5cfg, tokenizer, mesh) if cfg.distill.teacher else None
     trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), imported, teacher)
     del imported, teacher
 
