@@ -247,8 +247,9 @@ def test_mentor_kd_layout(mentor_src, tmp_path):
     assert first["question"] == "Danny has 67 wrappers and 35 caps. How many more wrappers?"
     assert first["rationales"] == {"teacher": ["67 - 35 = 32."], "mentor": ["So 32."]}
     assert first["provenance"]["mentor"]["samples"] == [
-        {"where": "aug/flan-t5_large/svamp_rand3_aug3.json:2", "model": "flan-t5_large", "answer": "32"},
+        {"where": "aug/flan-t5_large/svamp_rand3_aug3.json:2", "correct": True, "model": "flan-t5_large", "answer": "32"},
     ]
+    assert all(s["correct"] for s in first["provenance"]["teacher"]["samples"])  # only initial_correct chains kept
     assert first["teacher_answers"] == {"mentor": ["32"]}  # "32.0" as a number
     assert (second["answer"], second["meta"]["answer_raw"]) == ("1080", "1,080")
     (test,) = records(out, "svamp", "test")

@@ -134,7 +134,8 @@ def _join_chains(root: Path, rep: SplitReport, records: list[dict[str, Any]], by
         elif chain.strip() in record["rationales"].get(source.teacher, ()):
             count.drop("duplicate")  # a sample repeated word for word adds nothing
         else:
-            origin = {"where": f"{label}:{row.where.rsplit(':', 1)[1]}"}
+            # only initial_correct chains are kept: say so, for the recipes that filter on it
+            origin = {"where": f"{label}:{row.where.rsplit(':', 1)[1]}", "correct": True}
             if source.mentor_model:
                 origin["model"] = source.mentor_model
             completion = row.value.get("completion")
