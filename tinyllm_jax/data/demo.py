@@ -112,9 +112,12 @@ def _choices(rng: random.Random, start: int, changes: list[int], answer: int) ->
     return [str(x) for x in picked]
 
 
-def make_demo_records(n: int, seed: int, split: str, terse_error_rate: float = TERSE_ERROR_RATE) -> list[dict[str, Any]]:
+def make_demo_records(n: int, seed: int, split: str, terse_error_rate: float = TERSE_ERROR_RATE,
+                      choices: bool = True) -> list[dict[str, Any]]:
     """`n` distinct demo records of `split` (train, validation or test), deterministic by
-    `seed`; exactly round(n * terse_error_rate) of them have a wrong terse rationale."""
+    `seed`; exactly round(n * terse_error_rate) of them have a wrong terse rationale. With
+    `choices` False the answer is free-form (score with eval.task: number); the questions
+    and rationales are the same."""
     if split not in SPLIT_BUCKETS:
         raise UserError(f"demo split {split!r}: expected one of {', '.join(SPLIT_BUCKETS)}")
     if n < 0:
@@ -134,13 +137,13 @@ def make_demo_records(n: int, seed: int, split: str, terse_error_rate: float = T
             continue
         seen.add(question)
         answer = start + sum(changes)
-        choices = _choices(rng, start, changes, answer)
+        options = _choices(rng, start, changes, answer)
         i = len(records)
         terse_answer = answer
         if i in wrong:  # a slip: the terse teacher lands on one of the near misses
-            terse_answer = int(rng.choice([c for c in choices if c != str(answer)]))
+            terse_answer = int(rng.choice([c for c in options if c != str(answer)]))
         records.append(make_record(
-            f"demo-{split}-{i}", question, str(answer), choices,
+            f"demo-{split}-{i}", question, str(answer), options if choices else [],
             rationales={"careful": [careful_rationale(name, start, changes, answer)],
                         "terse": [terse_rationale(start, changes, terse_answer)]},
             meta={"terse_correct": terse_answer == answer},
@@ -155,13 +158,14 @@ def write_demo_data(
     n_valid: int = 200,
     n_test: int = 200,
     terse_error_rate: float = TERSE_ERROR_RATE,
+    choices: bool = True,
 ) -> dict[str, str]:
     """Writes OUT_DIR/{train,validation,test}.jsonl; returns {split: path}."""
     out_dir = Path(out_dir)
     paths = {}
     for split, n in (("train", n_train), ("validation", n_valid), ("test", n_test)):
         path = out_dir / FILE_NAMES[split]
-        write_jsonl(path, make_demo_records(n, seed, split, terse_error_rate))
+        write_jsonl(path, make_demo_records(n, seed, split, terse_error_rate, choices))
         paths[split] = str(path)
     return paths
 
@@ -175,13 +179,14 @@ def write_demo_from_options(out_dir: str | Path, options: dict[str, Any]) -> dic
 def check_demo_options(options: dict[str, Any], where: str = "demo") -> None:
     """Each key of a `demo:` mapping checked: an unknown key or a value of the wrong type
     raises UserError naming `<where>.<key>`."""
-    known = {"seed": int, "n_train": int, "n_valid": int, "n_test": int, "terse_error_rate": (int, float)}
+    known = {"seed": int, "n_train": int, "n_valid": int, "n_test": int, "terse_error_rate": (int, float),
+             "choices": bool}
+    kinds = {int: "an integer", bool: "true or false"}
     for key, value in options.items():
         if key not in known:
             raise UserError(f"{where}.{key}: unknown key (known keys: {', '.join(known)})")
-        if isinstance(value, bool) or not isinstance(value, known[key]):
-            kind = "an integer" if known[key] is int else "a number"
-            raise UserError(f"{where}.{key}: expected {kind}, found {value!r}")
+        if (isinstance(value, bool) != (known[key] is bool)) or not isinstance(value, known[key]):
+            raise UserError(f"{where}.{key}: expected {kinds.get(known[key], 'a number')}, found {value!r}")
 
 
 def demo_texts(records: Iterable[dict[str, Any]], extra: Sequence[str] = ()) -> list[str]:
