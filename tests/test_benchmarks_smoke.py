@@ -162,3 +162,21 @@ def test_distill_benchmark_quick_times_the_fused_step_and_its_parts(tmp_path):
     assert t32 == 4 * r["teacher"]["params"] and t16 == 2 * r["teacher"]["params"]
     for d in ("float32", "bfloat16"):
         assert r[f"ratio_kd_step_to_parts_{d}"] > 0 and r[f"peak_memory_ratio_{d}_teacher"] > 1
+
+
+def test_methods_benchmark_quick_path_writes_its_table_json_and_chart(tmp_path, capsys):
+    """`python -m benchmarks.methods --quick` at toy size: both methods, both budgets, a row
+    each with mean, spread and every seed, and the chart."""
+    from benchmarks.methods import main
+
+    out = tmp_path / "methods.json"
+    assert main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {(r["method"], r["budget"]): r for r in doc["rows"]}
+    assert set(rows) == {(m, b) for m in ("answer-only", "tinyllm-both") for b in ("compute", "passes")}
+    assert rows[("answer-only", "compute")]["steps"] == rows[("tinyllm-both", "compute")]["steps"]  # equal compute
+    passes = rows[("tinyllm-both", "passes")]["steps"][0], rows[("answer-only", "passes")]["steps"][0]
+    assert passes[0] > passes[1]  # three streams take more steps to show every answer as often
+    assert "test_accuracy_cot" in rows[("tinyllm-both", "compute")] and "each" in rows[("answer-only", "compute")]["test_accuracy"]
+    assert doc["plan"]["seeds"] == [0] and out.with_suffix(".png").stat().st_size > 10_000
+    assert "test acc (answer)" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -210,8 +211,10 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Our loggers print to stderr whatever other libraries did to the root logger."""
+def setup_logging(level: int | None = None) -> None:
+    """Our loggers print to stderr whatever other libraries did to the root logger, at INFO
+    unless TINYLLM_LOG_LEVEL says otherwise (e.g. WARNING)."""
+    level = level if level is not None else logging.getLevelName(os.environ.get("TINYLLM_LOG_LEVEL", "INFO").upper())
     for name in ("tinyllm", "tinyllm_jax"):
         logger = logging.getLogger(name)
         logger.setLevel(level)
