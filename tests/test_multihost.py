@@ -240,3 +240,50 @@ def test_eval_command_in_two_processes_matches_training(reference, tmp_path):
     summary = json.loads(out[out.index("{\n"):out.index("\n}") + 2])
     assert summary["accuracy"] == logged["eval_accuracy"] and summary["n"] == 16 and summary["step"] == STEPS
     assert '"accuracy"' not in run.output(1)
+
+
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def test_peers_that_never_arrive_or_disagree_stop_with_one_line(tmp_path):
+    """Process 0 alone: after --distributed-timeout it says so and exits 2 (JAX would abort
+    later with a C++ stack trace). Processes started for different numbers of processes: both
+    say which was started how."""
+    cli = ["-m", "tinyllm_jax.cli", "train", str(tmp_path / "never-read.yaml")]
+    alone = start([*cli, "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0",
+                   "--distributed-timeout", "2"], env_for(2))
+    out = alone.communicate(timeout=120)[0]
+    assert alone.returncode == 2, out[-2000:]
+    assert "tinyllm: error: process 0 of 2: not all processes joined 127.0.0.1:" in out and "within 2 s" in out
+
+    coordinator = ["--coordinator", f"127.0.0.1:{free_port()}", "--distributed-timeout", "60"]
+    procs = [start([*cli, *coordinator, "--num-processes", n, "--process-id", i], env_for(2))
+             for i, n in (("0", "2"), ("1", "3"))]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    for o in outs:
+        assert "process 1 was started with --num-processes 3 but 2 processes joined" in o, o[-2000:]
+
+
+SLURM_SCRIPT = r"""
+import jax
+from tinyllm_jax.runtime import distributed
+settings = distributed.settings_from({})
+distributed.initialize(settings)
+print("joined", settings.cluster, jax.process_index(), jax.process_count(), jax.device_count(), flush=True)
+"""
+
+
+def test_a_slurm_job_step_joins_without_settings():
+    """TINYLLM_DISTRIBUTED=1 inside what looks like `srun -n 2` on one node: JAX's SLURM
+    detection finds the coordinator and the process ids (JAX_COORDINATOR_PORT: a free port
+    instead of the one derived from the job id)."""
+    base = {**env_for(2), "TINYLLM_DISTRIBUTED": "1", "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1",
+            "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "1", "JAX_COORDINATOR_PORT": str(free_port()),
+            "TINYLLM_DISTRIBUTED_TIMEOUT": "60"}
+    procs = [start(["-c", SLURM_SCRIPT], {**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}) for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o.split("joined ")[1].split()[:4] for o in outs] == [["slurm", "0", "2", "8"], ["slurm", "1", "2", "8"]]
