@@ -161,7 +161,7 @@ def test_two_processes_train_and_evaluate_like_one(reference):
     one, two = reference[1], reference[2]
     assert len(train_losses(one)) == STEPS
     np.testing.assert_allclose(train_losses(two), train_losses(one), rtol=1e-4)
-    # process 0 alone wrote the logs: one line a step and evaluation, nothing twice
+    # one line a step and evaluation, nothing twice (that only process 0 writes: test_multihost_setup)
     assert [r["step"] for r in lines(two)] == [*range(1, STEPS + 1), STEPS, STEPS]
     for split in ("validation", "test"):
         s1, s2 = (json.loads((d / "eval" / f"summary-{split}-step{STEPS}.json").read_text()) for d in (one, two))
@@ -170,6 +170,10 @@ def test_two_processes_train_and_evaluate_like_one(reference):
         assert p1 == p2  # every example, in order, with the same prediction
     assert json.loads((two / "summary.json").read_text())["test"] == json.loads((one / "summary.json").read_text())["test"]
     assert_params(final_params(two, STEPS), final_params(one, STEPS), rtol=2e-4, atol=2e-5)
+    # one checkpoint, written by both: each process its own shards, one commit
+    state = two / "checkpoints" / str(STEPS) / "state"
+    assert sorted(p.name for p in state.glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
+    assert (state / "commit_success.txt").is_file() and (state.parent / "data" / "commit_success.txt").is_file()
 
 
 def wait_for(condition, run: Run, what: str, timeout: float = 300) -> None:

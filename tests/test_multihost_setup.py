@@ -78,6 +78,29 @@ def test_unreachable_coordinator_and_busy_port_exit_2_naming_them(capsys):
     assert "incomplete" in capsys.readouterr().err
 
 
+def test_only_process_0_writes_metrics_and_tensorboard(tmp_path, monkeypatch):
+    """Every process of a run calls the metrics log alike; the others must not touch the
+    shared files (not even a resumed run's truncation), or process 0's lines get lost."""
+    import jax
+
+    from tinyllm_jax.train.metrics import MetricsLog
+
+    monkeypatch.setattr(jax, "process_index", lambda *a: 1)
+    log = MetricsLog(tmp_path)
+    log.write({"step": 1, "loss": 2.0})
+    log.close()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 7}\n')
+    MetricsLog(tmp_path, resume_step=3).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 7}\n'
+    monkeypatch.setattr(jax, "process_index", lambda *a: 0)
+    log = MetricsLog(tmp_path, resume_step=3)
+    log.write({"step": 4, "loss": 2.0})
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 4, "loss": 2.0}\n'
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
 # --------------------------------------------------------------------------- row shares
 
 

@@ -3,6 +3,7 @@ and batches on it. The rules are data from the config; nothing here names a laye
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -76,6 +77,7 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+@functools.lru_cache(maxsize=16)
 def process_row_blocks(mesh: Mesh) -> tuple[tuple[int, ...], int]:
     """Which rows of a batch this process's devices hold: the batch is cut into
     data x fsdp equal blocks (the batch axes) and this process holds `blocks` of the
@@ -118,8 +120,7 @@ def replicate_on(tree: Any, mesh: Mesh) -> Any:
     spanning = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not x.is_fully_addressable]
     if not spanning:
         return jax.device_put(tree, target)
-    source = spanning[0].sharding.mesh
-    full = jax.jit(lambda t: t, out_shardings=replicated(source))(tree)
+    full = _replicator(spanning[0].sharding.mesh)(tree)
     mine = set(mesh.devices.flat)
 
     def local(x):
@@ -127,6 +128,12 @@ def replicate_on(tree: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_single_device_arrays(x.shape, target, shards)
 
     return jax.tree.map(local, full)
+
+
+@functools.lru_cache(maxsize=16)
+def _replicator(mesh: Mesh):
+    """One compiled identity per mesh: anything in, a full copy on every device out."""
+    return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
 
 
 def put_batch_shardings(mesh: Mesh, leading: int = 0) -> NamedSharding:
