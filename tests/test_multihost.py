@@ -83,6 +83,18 @@ def several_processes_work(tmp_path_factory):
     CACHE.clear()
 
 
+STARTED: list["Run"] = []
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """A failing test must not leave its processes running (they would hold the machine)."""
+    yield
+    for run in STARTED:
+        run.kill()
+    STARTED.clear()
+
+
 class Run:
     """One training command started as n processes on a fresh port; logs go to files."""
 
@@ -94,6 +106,7 @@ class Run:
             base += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", str(n),
                      "--distributed-timeout", "120"]
         self.procs = []
+        STARTED.append(self)
         for i in range(n):
             extra = ["--process-id", str(i)] if n > 1 else []
             with open(self.logs[i], "w") as log:
@@ -147,13 +160,17 @@ def assert_params(a, b, **tol):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tok_dir):
-    """The same run (eval at the end) as 1 process x 8 devices and 2 processes x 4."""
+    """The same run (eval at the end) as 1 process x 8 devices and 2 processes x 4, side by
+    side (the 1-process run fills the time the 2 processes wait for each other)."""
     tmp = tmp_path_factory.mktemp("multihost")
-    runs = {}
-    for n in (1, 2):
-        run_dir = tmp / f"ref{n}"
-        runs[n] = run_dir
-        Run(write_config(tmp / f"ref{n}.yaml", run_dir, tok_dir, **RUN), n).finish()
+    runs = {n: tmp / f"ref{n}" for n in (1, 2)}
+    started = [Run(write_config(tmp / f"ref{n}.yaml", runs[n], tok_dir, **RUN), n) for n in (1, 2)]
+    try:
+        for run in started:
+            run.finish()
+    finally:  # a module fixture: the per-test clean-up does not cover a failure here
+        for run in started:
+            run.kill()
     return runs
 
 
