@@ -7,10 +7,10 @@ Heavy modules (JAX, transformers) are imported inside each subcommand so that
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from tinyllm_jax.errors import UserError
+from tinyllm_jax.runtime import distributed
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -75,12 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a student from a YAML config")
     _config_args(p)
+    distributed.add_arguments(p)
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("eval", help="greedy-decode and score a checkpoint")
     _config_args(p)
     p.add_argument("--checkpoint", help="checkpoint directory (default: the run's best, else latest)")
     p.add_argument("--split", default="test", choices=["validation", "test"])
+    distributed.add_arguments(p)
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("predict", help="greedy predictions for a JSONL file of inputs")
@@ -121,15 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _maybe_init_distributed() -> None:
-    """Multi-host runs (TPU pods, multi-node GPU) set TINYLLM_DISTRIBUTED=1 on every process;
-    JAX then finds its peers from the environment (Cloud TPU metadata, SLURM, ...)."""
-    if os.environ.get("TINYLLM_DISTRIBUTED") == "1":
-        import jax
-
-        jax.distributed.initialize()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -139,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if args.command in ("train", "eval", "recipe"):
-            _maybe_init_distributed()
+        if args.command in ("train", "eval"):  # multi-host: join the other processes first
+            distributed.initialize(distributed.settings_from({k: getattr(args, k) for k in distributed.FLAGS}))
         args.fn(args)
     except UserError as e:
         print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)

@@ -206,12 +206,13 @@ def long_factor(examples: Examples, encoder_length: int, decoder_length: int) ->
 
 def rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_size: int,
                   encoder_length: int, decoder_length: int) -> dict[str, np.ndarray]:
-    """The batch dict for `rows` (arrays of example indices); rows past len(rows) are empty."""
+    """The batch dict for `rows` (arrays of example indices; an empty one is an empty row);
+    rows past len(rows) are empty."""
     b = {k: np.zeros((batch_size, encoder_length if k.startswith("encoder") else decoder_length), np.int32)
          for k in BATCH_KEYS}
-    if not rows:
+    counts = np.asarray([len(r) for r in rows], np.int64)
+    if not counts.sum():
         return b
-    counts = np.asarray([len(r) for r in rows])
     ex = np.concatenate(rows).astype(np.int64)
     row = np.repeat(np.arange(len(rows)), counts)
     first = np.repeat(np.cumsum(counts) - counts, counts)  # index of the row's first segment
@@ -252,6 +253,42 @@ def padded_batches(examples: Examples, batch_size: int, encoder_length: int | No
 # --------------------------------------------------------------------------- iterator
 
 
+@dataclass(frozen=True)
+class RowShare:
+    """The rows of each global batch that one process builds. Each of the batch's
+    `microbatches` (gradient accumulation: consecutive row ranges) is cut into `num_blocks`
+    equal blocks; the process takes `blocks` of every microbatch, in order, so its local
+    batch reshaped to [microbatches, -1, length] holds its part of each microbatch. This is
+    the row layout `runtime.sharding.put_batch` expects (`process_row_blocks`)."""
+
+    blocks: tuple[int, ...] = (0,)
+    num_blocks: int = 1
+    microbatches: int = 1
+
+    @classmethod
+    def of_process(cls, process_index: int, process_count: int, microbatches: int = 1) -> "RowShare":
+        return cls((process_index,), process_count, microbatches)
+
+    @property
+    def parts(self) -> int:
+        """Equal parts a batch is cut into: its row count must divide by this."""
+        return self.num_blocks * self.microbatches
+
+    def rows(self, global_rows: Sequence[np.ndarray], batch_rows: int) -> list[np.ndarray]:
+        """This share of a global batch of `batch_rows` rows made of `global_rows` (fewer
+        only in a last, partial batch: the missing rows are empty)."""
+        micro = batch_rows // self.microbatches
+        block = micro // self.num_blocks
+        empty = np.zeros(0, np.int64)
+        out = []
+        for m in range(self.microbatches):
+            for b in self.blocks:
+                start = m * micro + b * block
+                part = list(global_rows[start:start + block])
+                out += part + [empty] * (block - len(part))
+        return out
+
+
 class PackedIterator:
     """Packed batches over epochs, deterministic from `seed`, resumable, host-sharded.
 
@@ -259,10 +296,12 @@ class PackedIterator:
     rows; the epochs' rows follow one another and each global batch takes the next
     `batch_size` of them, so a batch may straddle two epochs and no row is ever empty,
     except in the last batch when `num_epochs` is set. Every example is in exactly one row
-    an epoch. Process p of n gets rows [p * B/n, (p + 1) * B/n) of each global batch, shape
-    [B/n, length]; every process packs alike (only example lengths are needed) and fills
-    only its own rows. `state()` is JSON-serialisable; `restore(state)` continues with
-    exactly the batches an uninterrupted iterator would have given.
+    an epoch. Each process builds only its share of every global batch (a `RowShare`; by
+    default process p of n takes rows [p * B/n, (p + 1) * B/n)); every process packs alike
+    (only example lengths are needed) and fills only its own rows. `state()` is
+    JSON-serialisable and the same on every process, and does not depend on the share:
+    `restore(state)` continues with exactly the global batches an uninterrupted iterator
+    would have given, with any number of processes.
 
     Long batches. Rows only need to hold the common examples: attention costs grow with the
     square of the row length, and one outlier target should not set it for every batch. The
@@ -273,31 +312,35 @@ class PackedIterator:
 
     def __init__(self, examples: Examples, batch_size: int, encoder_length: int, decoder_length: int,
                  *, seed: int = 0, max_segments_per_row: int | None = None, num_epochs: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None, pool_size: int = 1024):
+                 process_index: int | None = None, process_count: int | None = None, pool_size: int = 1024,
+                 share: RowShare | None = None):
         if len(examples) == 0:
             raise UserError("packing: no examples")
-        if process_index is None or process_count is None:
-            import jax
+        if share is None:
+            if process_index is None or process_count is None:
+                import jax
 
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
-        if batch_size % process_count:
-            raise UserError(f"train.batch_size={batch_size} must be divisible by the {process_count} processes")
-        if not 0 <= process_index < process_count:
-            raise UserError(f"process_index {process_index} is outside 0..{process_count - 1}")
+                process_index = jax.process_index() if process_index is None else process_index
+                process_count = jax.process_count() if process_count is None else process_count
+            share = RowShare.of_process(process_index, process_count)
+        if batch_size % share.parts:
+            raise UserError(f"train.batch_size={batch_size} must be divisible by the {share.parts} parts it is "
+                            f"shared in ({share.num_blocks} row blocks (processes) x {share.microbatches} microbatches)")
+        if not all(0 <= b < share.num_blocks for b in share.blocks) or list(share.blocks) != sorted(set(share.blocks)):
+            raise UserError(f"row share: blocks {share.blocks} are not distinct and in 0..{share.num_blocks - 1}")
         self.long_factor = long_factor(examples, encoder_length, decoder_length)
         self.fits = (examples.enc_lengths <= encoder_length) & (examples.dec_lengths <= decoder_length)
         f = self.long_factor
         if f > 1:
             long_rows = batch_size // f
-            if batch_size % f or long_rows % process_count:
+            if batch_size % f or long_rows % share.parts:
                 r = length_report(examples, encoder_length, decoder_length)
                 raise UserError(
                     f"packing: {int((~self.fits).sum())} examples (the longest: {r.longest_enc} encoder, "
                     f"{r.longest_dec} decoder tokens) do not fit rows of data.encoder_length={encoder_length}, "
                     f"data.decoder_length={decoder_length}; they would train in long batches of "
                     f"{batch_size}/{f} rows {f}x longer, but train.batch_size={batch_size} is not divisible by "
-                    f"{f * process_count} ({f} x {process_count} processes). Raise the lengths, make the batch "
+                    f"{f * share.parts} ({f} x {share.parts} parts: processes x microbatches). Raise the lengths, make the batch "
                     "size a multiple, or lower data.max_input_length / data.max_target_length")
             log.info("packing: %d of %d examples are longer than rows of (%d, %d); they train in long "
                      "batches of %d rows of (%d, %d)", int((~self.fits).sum()), len(examples), encoder_length,
@@ -311,8 +354,7 @@ class PackedIterator:
         self.seed = seed
         self.max_segments = max_segments_per_row
         self.num_epochs = num_epochs
-        self.process_index = process_index
-        self.process_count = process_count
+        self.share = share
         self.pool_size = pool_size
         self.epoch = 0
         self.position = 0  # ordinary rows of `epoch` already handed out
@@ -322,7 +364,7 @@ class PackedIterator:
 
     @property
     def local_batch_size(self) -> int:
-        return self.batch_size // self.process_count
+        return self.batch_size // self.share.num_blocks * len(self.share.blocks)
 
     @property
     def long_examples(self) -> int:
@@ -393,10 +435,8 @@ class PackedIterator:
     def batch(self, global_rows: Sequence[np.ndarray], factor: int = 1) -> dict[str, np.ndarray]:
         """This process's share of the global batch made of `global_rows`: rows of the
         ordinary lengths, or (factor = long_factor) of a long batch."""
-        local = self.local_batch_size // factor
-        start = self.process_index * local
-        return rows_to_batch(self.examples, global_rows[start:start + local], local,
-                             self.encoder_length * factor, self.decoder_length * factor)
+        rows = self.share.rows(global_rows, self.batch_size // factor)
+        return rows_to_batch(self.examples, rows, len(rows), self.encoder_length * factor, self.decoder_length * factor)
 
     def _maybe_next_epoch(self) -> bool:
         """Moves on to the next epoch once this one's rows and long batches are all handed out."""

@@ -2,7 +2,11 @@
 stream, scored by the answer its rationale ends with) under the training mesh, score it with
 the dataset's answer type, write predictions and a summary. The same code runs
 inside training (validation, then test once with the selected checkpoint) and in
-`tinyllm eval`, so both report the same accuracy for the same checkpoint."""
+`tinyllm eval`, so both report the same accuracy for the same checkpoint.
+
+With several processes each decodes its own share of the split (every n-th example) on its
+own devices, with a full copy of the parameters; the scored rows are gathered once, so every
+process returns the same summary and process 0 writes the files."""
 
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ class Evaluation:
     def __init__(self, cfg: Config, t5cfg: T5Config, tokenizer, mesh=None):
         self.cfg, self.t5cfg, self.tokenizer, self.mesh = cfg, t5cfg, tokenizer, mesh
         self._splits: dict[str, tuple[list[dict], list[np.ndarray]]] = {}
+        self._local_mesh = None
 
     def _inputs(self, split: str):
         if split not in self._splits:
@@ -70,51 +75,89 @@ class Evaluation:
             self._splits[split] = (kept, inputs)
         return self._splits[split]
 
+    def _decode_mesh(self):
+        """The run's mesh; with several processes, this process's own devices."""
+        import jax
+
+        if self.mesh is None or jax.process_count() == 1:
+            return self.mesh
+        if self._local_mesh is None:
+            self._local_mesh = sharding.local_mesh()
+        return self._local_mesh
+
     def _shard(self):
-        if self.mesh is None:
+        mesh = self._decode_mesh()
+        if mesh is None:
             return None
         import jax
 
-        rows = sharding.batch_sharding(self.mesh)
+        rows = sharding.batch_sharding(mesh)
         return lambda arr: jax.device_put(arr, rows)
+
+    def _place(self, params: Any) -> Any:
+        """Parameters where decoding runs: host arrays replicated over the mesh, device
+        arrays as they are; with several processes a full copy on this process's devices."""
+        import jax
+
+        mesh = self._decode_mesh()
+        if mesh is None:
+            return params
+        if mesh is not self.mesh:
+            return sharding.replicate_on(params, mesh)
+        if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+            return jax.device_put(params, sharding.replicated(mesh))
+        return params
 
     def batch_size(self) -> int:
         bs = self.cfg.eval.batch_size
-        if self.mesh is not None:
-            d = sharding.batch_divisor(self.mesh)
+        mesh = self._decode_mesh()
+        if mesh is not None:
+            d = sharding.batch_divisor(mesh)
             bs = -(-bs // d) * d  # round up: rows are split over the batch axes
         return bs
 
     def predict(self, params: Any, split: str, sampling: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """One scored row a record of `split` (id, input, gold, prediction, extracted answer,
-        correct): greedy, or sampled with `sampling` (temperature, top_k, top_p and its PRNG
-        key, as `generate_ids` takes them)."""
+        correct), in record order: greedy, or sampled with `sampling` (temperature, top_k,
+        top_p and its PRNG key, as `generate_ids` takes them). Each process decodes its
+        share; every process returns every row."""
+        import jax
+
         from tinyllm_jax.eval import scoring
         from tinyllm_jax.eval.decode import generate_ids
+        from tinyllm_jax.runtime import distributed
 
         records, inputs = self._inputs(split)
-        ids = generate_ids(self.t5cfg, params, inputs, self.cfg.eval.max_new_tokens, self.batch_size(),
-                           progress=self.cfg.train.progress, shard_batch=self._shard(), **(sampling or {}))
+        p, n_proc = jax.process_index(), jax.process_count()
+        mine = range(p, len(inputs), n_proc)  # this process's share
+        ids = generate_ids(self.t5cfg, self._place(params), [inputs[i] for i in mine], self.cfg.eval.max_new_tokens,
+                           self.batch_size(), progress=self.cfg.train.progress and p == 0, shard_batch=self._shard(),
+                           **(sampling or {}))
         preds = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         task = self.cfg.eval.task
-        rows = []
-        for rec, inp, pred in zip(records, inputs, preds):
+        part = []
+        for i, pred in zip(mine, preds):
+            rec, inp = records[i], inputs[i]
             extracted = scoring.extract(task, pred, rec.get("choices", []))
             correct = scoring.is_correct(task, pred, rec["answer"], rec.get("choices", []))
-            rows.append({"id": rec["id"], "input": self.tokenizer.decode(inp, skip_special_tokens=True),
+            part.append({"id": rec["id"], "input": self.tokenizer.decode(inp, skip_special_tokens=True),
                          "gold": rec["answer"], "prediction": pred, "extracted": extracted, "correct": bool(correct)})
-        return rows
+        parts = distributed.allgather_json(part)  # once: every process gets every row
+        return [parts[i % n_proc][i // n_proc] for i in range(len(inputs))]
 
     def run(self, params: Any, split: str, run_dir: str | Path | None = None, step: int | None = None,
             sampling: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Decodes and scores `split` (see `predict`); with `run_dir`, writes the rows to
-        RUN_DIR/eval/predictions-<split>-step<N>.jsonl and the summary beside them."""
+        """Decodes and scores `split` (see `predict`); with `run_dir`, process 0 writes the
+        rows to RUN_DIR/eval/predictions-<split>-step<N>.jsonl and the summary beside them."""
+        import jax
+
         rows = self.predict(params, split, sampling)
+        p = jax.process_index()
         n = len(rows)
         summary = {"split": split, "step": step, "task": self.cfg.eval.task, "n": n,
                    "accuracy": sum(r["correct"] for r in rows) / max(n, 1),
                    "extracted": sum(r["extracted"] is not None for r in rows) / max(n, 1)}
-        if run_dir is not None:
+        if run_dir is not None and p == 0:
             out = Path(run_dir) / "eval"
             out.mkdir(parents=True, exist_ok=True)
             tag = f"{split}-step{step}" if step is not None else split
@@ -141,9 +184,9 @@ def evaluate_command(cfg: Config, checkpoint: str | None = None, split: str = "t
         cfg = load_config(saved)
     model = load_run(run_dir, _checkpoint_step(checkpoint))
     mesh = sharding.make_mesh(cfg.mesh)
-    params = jax.device_put(model.params, sharding.replicated(mesh))
-    summary = Evaluation(cfg, model.t5cfg, model.tokenizer, mesh).run(params, split, run_dir, model.step)
-    print(json.dumps(summary, indent=2))
+    summary = Evaluation(cfg, model.t5cfg, model.tokenizer, mesh).run(model.params, split, run_dir, model.step)
+    if jax.process_index() == 0:
+        print(json.dumps(summary, indent=2))
     return summary
 
 

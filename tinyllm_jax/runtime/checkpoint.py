@@ -2,7 +2,12 @@
 exact resume (train state and data iterator state), parameters alone for export and evaluation.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
-kill during a save leaves the previous checkpoint as the latest good one."""
+kill during a save leaves the previous checkpoint as the latest good one. With several
+processes every one of them calls `save` and `restore` at the same step: each writes the
+array shards its devices own (one copy of replicated data), process 0 writes the metadata
+and the data iterator state and commits the step once all are done. The directory must be
+the same shared path for every process. A state saved by N processes restores into any
+other number of processes (the arrays are resharded to the new mesh on read)."""
 
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ class Checkpointer:
         import jax
         import numpy as np
 
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # every process its own copy
         meta = self.manager.item_metadata(step)["state"]
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta)
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))

@@ -3,6 +3,7 @@ and batches on it. The rules are data from the config; nothing here names a laye
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -17,6 +18,8 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """(data, fsdp, tensor) over `devices` (default: every device of every process, placed
+    by `jax.make_mesh` to suit the interconnect: on a TPU pod, neighbouring chips)."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     fsdp, tensor = cfg.fsdp, cfg.tensor
@@ -25,8 +28,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         raise ConfigError(
             f"mesh: data={cfg.data} x fsdp={fsdp} x tensor={tensor} does not cover the {n} devices "
             f"(set mesh.data=-1 to use all devices left over by fsdp and tensor)")
-    grid = np.asarray(devices).reshape(data, fsdp, tensor)
-    return Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
@@ -75,17 +77,63 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+@functools.lru_cache(maxsize=16)
+def process_row_blocks(mesh: Mesh) -> tuple[tuple[int, ...], int]:
+    """Which rows of a batch this process's devices hold: the batch is cut into
+    data x fsdp equal blocks (the batch axes) and this process holds `blocks` of the
+    `num_blocks`, in order. One process: all of them. Processes whose devices replicate the
+    same rows (a tensor axis spanning hosts) get the same blocks."""
+    num_blocks = batch_divisor(mesh)
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((num_blocks,))
+    blocks = sorted({idx[0].indices(num_blocks)[0] for idx in index_map.values()})
+    return tuple(blocks), num_blocks
+
+
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, leading: int = 0) -> dict[str, jax.Array]:
     """Host numpy batch -> global jax arrays sharded over the batch axes. With `leading`
-    extra dimensions (gradient accumulation), rows are dimension `leading`."""
+    extra dimensions (gradient accumulation), rows are dimension `leading`. With several
+    processes each passes only the rows its devices hold (`process_row_blocks`, in order)
+    and the global batch is assembled from the parts."""
+    blocks, num_blocks = process_row_blocks(mesh)
+
     def put(x):
         spec = P(*([None] * leading), BATCH_AXES, *([None] * (x.ndim - leading - 1)))
         sharding = NamedSharding(mesh, spec)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, x)
+        rows = x.shape[leading] // len(blocks) * num_blocks
+        return jax.make_array_from_process_local_data(sharding, x, (*x.shape[:leading], rows, *x.shape[leading + 1:]))
 
     return {k: put(v) for k, v in batch.items()}
+
+
+def local_mesh() -> Mesh:
+    """This process's own devices as a data-parallel mesh (work each process does alone)."""
+    return make_mesh(MeshConfig(), jax.local_devices())
+
+
+def replicate_on(tree: Any, mesh: Mesh) -> Any:
+    """Host arrays or global jax arrays (sharded over any mesh, possibly spanning processes)
+    -> a full copy on every device of `mesh`, a mesh of this process's devices. Global
+    arrays are first replicated over their own mesh (a collective: every process calls it)."""
+    target = replicated(mesh)
+    spanning = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    if not spanning:
+        return jax.device_put(tree, target)
+    full = _replicator(spanning[0].sharding.mesh)(tree)
+    mine = set(mesh.devices.flat)
+
+    def local(x):
+        shards = [s.data for s in x.addressable_shards if s.device in mine]
+        return jax.make_array_from_single_device_arrays(x.shape, target, shards)
+
+    return jax.tree.map(local, full)
+
+
+@functools.lru_cache(maxsize=16)
+def _replicator(mesh: Mesh):
+    """One compiled identity per mesh: anything in, a full copy on every device out."""
+    return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
 
 
 def put_batch_shardings(mesh: Mesh, leading: int = 0) -> NamedSharding:

@@ -226,18 +226,30 @@ def setup_logging(level: int | None = None) -> None:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and exits cleanly at the next step boundary."""
+    """SIGTERM sets a flag; the loop saves and exits cleanly at the next step boundary.
+    With several processes (a signal may reach only some of them) JAX's preemption service
+    catches SIGTERM instead, and `check(step)` turns true on every process at the same
+    step, so that all of them save that step together."""
 
     def __init__(self):
         self.requested = False
         self._old = None
+        self._synced = jax.process_count() > 1 and jax.distributed.is_initialized()
 
     def __enter__(self):
+        if self._synced:
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread
             self._old = None
         return self
+
+    def check(self, step: int) -> None:
+        if self._synced and not self.requested:
+            from jax.experimental import multihost_utils
+
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -287,18 +299,25 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     is False (the recipes score it in a stage of their own)."""
     from tqdm.auto import tqdm
 
-    from tinyllm_jax.data.packing import PackedIterator
+    from tinyllm_jax.data.packing import PackedIterator, RowShare
     from tinyllm_jax.data.streams import examples_for_split, stream_weights
     from tinyllm_jax.model.tokenizer import check_coverage
+    from tinyllm_jax.runtime import distributed
     from tinyllm_jax.train.student import build_student, prepare_demo_data
 
-    setup_logging()
+    primary = distributed.is_primary()  # process 0 writes the run directory; the others read
+    setup_logging(None if primary else logging.WARNING)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = prepare_demo_data(cfg, run_dir)
-    _warn_on_changed_config(cfg, run_dir)
-    save_config(cfg, run_dir / "config.yaml")
-    t5cfg, tokenizer, imported = build_student(cfg, run_dir)
+    if primary:
+        cfg = prepare_demo_data(cfg, run_dir)
+        _warn_on_changed_config(cfg, run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        t5cfg, tokenizer, imported = build_student(cfg, run_dir)
+    distributed.barrier("run directory written")
+    if not primary:
+        cfg = prepare_demo_data(cfg, run_dir, write=False)
+        t5cfg, tokenizer, imported = build_student(cfg, run_dir, write=False)
     mesh = sharding.make_mesh(cfg.mesh)
     if cfg.train.batch_size % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
         from tinyllm_jax.config import ConfigError
@@ -307,8 +326,10 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
     examples = examples_for_split(cfg.data, "train", tokenizer)
     check_coverage(tokenizer, examples)  # a tokenizer that cannot read the data stops here
+    blocks, num_blocks = sharding.process_row_blocks(mesh)  # this process's rows of each batch
     data = PackedIterator(examples, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length,
-                          seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row)
+                          seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row,
+                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps))
     long_rows = cfg.train.batch_size // data.long_factor
     if long_rows % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
         from tinyllm_jax.config import ConfigError
@@ -337,7 +358,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
 
     def flops(batch: dict[str, Any]) -> float:
         B, Le = batch["encoder_input_tokens"].shape
-        key = (B * jax.process_count(), Le, batch["decoder_input_tokens"].shape[1])
+        key = (B * num_blocks // len(blocks), Le, batch["decoder_input_tokens"].shape[1])
         if key not in flops_of_shape:
             flops_of_shape[key] = train_flops_per_step(t5cfg, *key)
         return flops_of_shape[key]
@@ -346,7 +367,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     pending: tuple[int, Any] | None = None
     interval_tokens, interval_flops, interval_start = 0, 0.0, time.time()
     last_logged: dict[str, Any] = {}
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not cfg.train.progress,
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (cfg.train.progress and primary),
                dynamic_ncols=True)
 
     def flush(step_done: int, metrics: Any, step_flops: float) -> dict[str, Any]:
@@ -375,12 +396,13 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
 
     result: dict[str, Any] = {}
     try:
-        with _Preemption() as preempt:
+        with _Preemption() as preempt:  # several processes: the JAX preemption service agrees on the step
             step = start
             while step < total:
                 host_batch = next(data)
                 trainer.state, metrics = trainer.step_fn(trainer.state, trainer.put(host_batch))
                 step += 1
+                preempt.check(step)
                 if pending is not None:
                     flush(*pending)
                 pending = (step, metrics, flops(host_batch))
@@ -410,8 +432,8 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
             result["test"] = evaluator(params, best or total, "test")
             result["test_checkpoint_step"] = best or total
         result |= _best_validation(run_dir, ckpt.best_step(), cfg.checkpoint.best_metric)
-        (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
-        if jax.process_index() == 0:
+        if primary:
+            (run_dir / "summary.json").write_text(json.dumps(result, indent=2))
             print(_summary_line(result, run_dir / "summary.json", cfg.checkpoint.best_metric), flush=True)
         return result
     finally:

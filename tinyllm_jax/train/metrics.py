@@ -47,10 +47,14 @@ def param_count(params: Any) -> int:
 
 class MetricsLog:
     """Appends one JSON object a line to RUN_DIR/metrics.jsonl (flushed) and mirrors the
-    scalars to TensorBoard under RUN_DIR/tb."""
+    scalars to TensorBoard under RUN_DIR/tb. Only process 0 of a multi-host run touches
+    either; on the others every method does nothing."""
 
     def __init__(self, run_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = self._tb = None
+        if jax.process_index() != 0:
+            return
         if resume_step is not None and self.path.is_file():
             # a killed run may have logged past its last checkpoint: drop those lines
             keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
@@ -58,14 +62,13 @@ class MetricsLog:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard and jax.process_index() == 0:
+        if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def write(self, record: dict[str, Any]) -> None:
-        if jax.process_index() != 0:
+        if self._file is None:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -75,6 +78,7 @@ class MetricsLog:
                     self._tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()

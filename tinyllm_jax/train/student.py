@@ -12,23 +12,27 @@ from tinyllm_jax.config import Config, ConfigError
 from tinyllm_jax.model.t5 import T5Config
 
 
-def prepare_demo_data(cfg: Config, run_dir: Path) -> Config:
-    """With a `demo:` section, writes the generated data set into RUN_DIR/data (once) and
-    points data.train/validation/test at it."""
+def prepare_demo_data(cfg: Config, run_dir: Path, write: bool = True) -> Config:
+    """With a `demo:` section, writes the generated data set into RUN_DIR/data (without
+    `write`: only points at it, as the other processes of a multi-host run do) and points
+    data.train/validation/test at it."""
     if not cfg.demo:
         return cfg
-    from tinyllm_jax.data.demo import write_demo_from_options
+    from tinyllm_jax.data.demo import FILE_NAMES, write_demo_from_options
 
     opts = {k: v for k, v in cfg.demo.items() if k != "vocab_size"}  # vocab_size: the tokenizer's
-    paths = write_demo_from_options(run_dir / "data", opts)
+    paths = (write_demo_from_options(run_dir / "data", opts) if write
+             else {split: str(run_dir / "data" / name) for split, name in FILE_NAMES.items()})
     data = dataclasses.replace(cfg.data, train=[str(paths["train"])], validation=[str(paths["validation"])],
                                test=[str(paths["test"])])
     return dataclasses.replace(cfg, data=data)
 
 
-def build_student(cfg: Config, run_dir: Path) -> tuple[T5Config, Any, Any | None]:
+def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Config, Any, Any | None]:
     """(architecture, tokenizer, imported params or None). The tokenizer is saved in
-    RUN_DIR/tokenizer and the architecture in RUN_DIR/model_config.json, for export."""
+    RUN_DIR/tokenizer and the architecture in RUN_DIR/model_config.json, for export (not
+    without `write`: the other processes of a multi-host run read the tokenizer process 0
+    saved)."""
     m = cfg.model
     tok_dir = run_dir / "tokenizer"
     params = None
@@ -57,8 +61,9 @@ def build_student(cfg: Config, run_dir: Path) -> tuple[T5Config, Any, Any | None
                           "or model.train_tokenizer_vocab to train one on the training records)")
     if len(tokenizer) > t5cfg.vocab_size:
         raise ConfigError(f"model.vocab_size={t5cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    tokenizer.save_pretrained(str(tok_dir))
-    (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(t5cfg), indent=2))
+    if write:
+        tokenizer.save_pretrained(str(tok_dir))
+        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(t5cfg), indent=2))
     return t5cfg, tokenizer, params
 
 
