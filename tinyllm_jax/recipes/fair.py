@@ -144,19 +144,17 @@ def mine_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None) -
         if f.mine_temperature > 0:
             sampling = {"temperature": f.mine_temperature, "top_p": f.mine_top_p,
                         "rng": jax.random.key(f.seed + int(rd.removeprefix("round")))}
-        summary = Evaluation(tcfg, model.t5cfg, model.tokenizer, mesh).run(params, "train", out, model.step,
-                                                                           sampling=sampling)
+        rows = Evaluation(tcfg, model.t5cfg, model.tokenizer, mesh).predict(params, "train", sampling)
+        write_jsonl(out / "predictions.jsonl", rows)
         records = {r["id"]: r for r in read_jsonl(common.read_manifest(data)["train"])[0]}
-        tag = "train" if model.step is None else f"train-step{model.step}"
-        with open(out / "eval" / f"predictions-{tag}.jsonl", encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh]
         mistakes = [{**records[row["id"]], "rationales": {},
                      "meta": {**(records[row["id"]].get("meta") or {}), "student_answer": row["prediction"],
                               "round": rd}}
                     for row in rows if not row["correct"]]
         write_jsonl(out / MISTAKES, mistakes)
         log.info("%s: the student got %d of %d train questions wrong", rd, len(mistakes), len(rows))
-        return {"questions": len(rows), "mistakes": len(mistakes), "train_accuracy": summary["accuracy"]}
+        return {"questions": len(rows), "mistakes": len(mistakes),
+                "train_accuracy": (len(rows) - len(mistakes)) / max(len(rows), 1)}
 
     reads = [data / common.MANIFEST]
     if student:
@@ -181,8 +179,7 @@ def _rationales_config(cfg: RecipeConfig, inputs: list[Path], out: Path, templat
 def _collect(rcfg: Config) -> dict[str, Any]:
     from tinyllm_jax.teachers.generate import generate_command
 
-    records = read_jsonl(rcfg.rationales.input[0])[0] if rcfg.rationales.input else []
-    if not records:
+    if not any(_read(Path(p)) for p in rcfg.rationales.input):  # no mistakes: nothing to ask
         Path(rcfg.rationales.output).mkdir(parents=True, exist_ok=True)
         for p in rcfg.rationales.input:
             write_jsonl(Path(rcfg.rationales.output) / Path(p).name, [])
