@@ -362,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("TINYLLM_LOG_LEVEL", "ERROR")  # one line a run, not the trainer's log
+    # the runs compile the same steps again and again: a persistent cache compiles each once
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(work / "jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for name in ("absl", "jax"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -412,4 +416,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from tinyllm_jax.hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages("benchmarks.methods", sys.argv[1:])  # the trainer's speed, as `tinyllm` runs it
     raise SystemExit(main())
