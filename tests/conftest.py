@@ -12,6 +12,21 @@ import pytest
 SHARED_DATA_ENV = "TINYLLM_SHARED_DATA"
 SHARED_DATA = Path(os.environ.get(SHARED_DATA_ENV) or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
+def pytest_configure(config):
+    """One persistent JAX compilation cache for the session, shared with every subprocess the
+    tests start: the many small training runs compile the same steps, and each compiles once.
+    A fresh folder each session (removed at exit), so no entry outlives the code it came from."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
+
+        cache = tempfile.mkdtemp(prefix="tinyllm-test-jax-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "what is two plus three? the answer is five",
