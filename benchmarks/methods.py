@@ -273,7 +273,7 @@ def one_run(method: str, budget: str, seed: int, paths: dict[str, Path], plan: d
         if method in ("tinyllm-both",):
             result["test_accuracy_cot_terse"] = score_stream(student, "terse")
     result["wall_s"] = round(time.time() - t0, 1)
-    logging.getLogger("benchmarks.methods").warning("%s", json.dumps(result))
+    print(time.strftime("%H:%M:%S"), json.dumps(result), flush=True)
     return result
 
 
@@ -361,14 +361,24 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work) / ("tiny" if a.tiny else "quick" if a.quick else "full")
     import os
 
-    os.environ.setdefault("TINYLLM_LOG_LEVEL", "ERROR")  # one line a run, not the trainer's log
-    # the runs compile the same steps again and again: a persistent cache compiles each once
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(work / "jax-cache"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for name in ("absl", "jax"):
+    # one line a run, not the trainer's log; all restored at the end (a test may call main)
+    saved_env = os.environ.get("TINYLLM_LOG_LEVEL")
+    os.environ["TINYLLM_LOG_LEVEL"] = saved_env or "ERROR"
+    quiet = {name: logging.getLogger(name).level for name in ("absl", "jax")}
+    for name in quiet:
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return _main(a, plan, methods, work)
+    finally:
+        if saved_env is None:
+            os.environ.pop("TINYLLM_LOG_LEVEL", None)
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _main(a: argparse.Namespace, plan: dict[str, Any], methods: list[str], work: Path) -> int:
+    import os
+
     import jax
 
     from benchmarks.run import device_slug as device_name
@@ -416,9 +426,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import os
     import sys
 
     from tinyllm_jax.hugepages import reexec_with_huge_pages
 
     reexec_with_huge_pages("benchmarks.methods", sys.argv[1:])  # the trainer's speed, as `tinyllm` runs it
+    # the runs compile the same decoders again and again: a persistent cache compiles each once
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / "runs" / "benchmarks" / "jax-cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     raise SystemExit(main())
