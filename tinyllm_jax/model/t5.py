@@ -311,13 +311,13 @@ class DecoderBlock(nn.Module):
         return self.cross_attention.project_kv(encoded)
 
     def __call__(self, x, self_mask, bias, cross_kv, cross_mask, cache=None, index=None):
-        """With `cache` ((k, v) of [B, H, max_len, K]) x is one step and `index` its position;
-        returns (x, new_cache)."""
+        """With `cache` ((k, v) of [B, H, max_len, K]) x is one step and `index` its position
+        (a scalar, or [B] positions, one a row); returns (x, new_cache)."""
         det = self.deterministic
         h = self.pre_self_attention_norm(x)
         kv = self.self_attention.project_kv(h)
         if cache is not None:
-            kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=2) for c, n in zip(cache, kv))
+            kv = tuple(_write_cache(c, n, index) for c, n in zip(cache, kv))
             cache = kv
         x = x + self.drop(self.self_attention(h, kv, self_mask, bias), deterministic=det)
         h = self.pre_cross_attention_norm(x)
@@ -325,6 +325,17 @@ class DecoderBlock(nn.Module):
         h = self.pre_mlp_norm(x)
         x = x + self.drop(self.mlp(h), deterministic=det)
         return x, cache
+
+
+def _write_cache(cache_BxHxTxK: Array, new_BxHx1xK: Array, index: Array) -> Array:
+    """Writes one step's keys or values at `index`: a scalar (every row at the same step), or
+    [B] positions, one a row (the generation engine's slots); rows whose position is past the
+    cache are left as they are."""
+    new_BxHx1xK = new_BxHx1xK.astype(cache_BxHxTxK.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache_BxHxTxK, new_BxHx1xK, index, axis=2)
+    rows = jnp.arange(cache_BxHxTxK.shape[0])
+    return cache_BxHxTxK.at[rows, :, index].set(new_BxHx1xK[:, :, 0], mode="drop")
 
 
 def _maybe_remat(block_cls, cfg: T5Config):
@@ -429,12 +440,19 @@ class T5(nn.Module):
         return self.decoder_relpos(max_len, max_len)
 
     def decode_step(self, token_B: Array, index: Array, cache, cross_kv, encoder_mask_BxL: Array, bias_full: Array):
-        """One decoder step at position `index` (scalar): returns (logits [B, V], new cache)."""
+        """One decoder step: returns (logits [B, V], new cache). `index` is the position: a
+        scalar (every row at the same step), or [B] positions, one a row (the generation
+        engine's slots, each at its own step). `bias_full` is [1, H, Q, max_len], Q > index."""
         max_len = cache[0][0].shape[2]
-        k_valid = (jnp.arange(max_len) <= index)[None, None, :]
-        self_mask = jnp.broadcast_to(k_valid, (token_B.shape[0], 1, max_len))
+        if jnp.ndim(index) == 0:
+            k_valid = (jnp.arange(max_len) <= index)[None, None, :]
+            self_mask = jnp.broadcast_to(k_valid, (token_B.shape[0], 1, max_len))
+            bias = jax.lax.dynamic_slice_in_dim(bias_full, index, 1, axis=2)
+        else:
+            self_mask = (jnp.arange(max_len)[None, :] <= index[:, None])[:, None, :]
+            bias_HxBxK = jnp.take(bias_full[0], index, axis=1, mode="clip")
+            bias = jnp.transpose(bias_HxBxK, (1, 0, 2))[:, :, None, :]
         cross_mask = encoder_mask_BxL[:, None, :]
-        bias = jax.lax.dynamic_slice_in_dim(bias_full, index, 1, axis=2)
         x = self.drop(self._embed(token_B[:, None]), deterministic=self.deterministic)
         new_cache = []
         for layer, layer_cache, kv in zip(self.decoder_layers, cache, cross_kv):
