@@ -301,7 +301,7 @@ class Engine:
         started = time.perf_counter()
         bar = tqdm(total=n, desc="generate", unit="row", disable=not progress)
         pos = np.zeros(S, np.int64)
-        generated = 0
+        generated = last_steps = 0
         while waiting or (owner >= 0).any():
             free = np.flatnonzero(owner < 0)
             take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
@@ -330,7 +330,10 @@ class Engine:
             refill_at = min(A, len(waiting)) if waiting else S + 1
             st = fns["run"](params, st, self._put(np.int32(refill_at)), self._put(np.int32(self.max_steps)))
             calls["run"] += 1
-            done, pos = _fetch(st.done), _fetch(st.pos).copy()
+            done, pos, steps = _fetch(st.done), _fetch(st.pos).copy(), int(_fetch(st.steps))
+            if steps == last_steps:  # a guard: every call must step while rows are live
+                raise RuntimeError(f"generation engine: no step taken with {int((~done).sum())} live slots")
+            last_steps = steps
             finished = np.flatnonzero(done & (owner >= 0))
             if len(finished):
                 out = _fetch(st.out)
@@ -343,7 +346,7 @@ class Engine:
                 bar.update(len(finished))
             bar.set_postfix(tokens=generated + int(pos[owner >= 0].sum()), refresh=False)
         bar.close()
-        steps, live = int(_fetch(st.steps)), int(_fetch(st.live_steps))
+        live = int(_fetch(st.live_steps))
         self.stats = {"requests": n, "slots": S, "admit_rows": A, "steps": steps, "generated_tokens": live,
                       "live_fraction": live / max(1, steps * S), "calls": dict(calls),
                       "seconds": time.perf_counter() - started}
