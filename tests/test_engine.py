@@ -48,17 +48,34 @@ def test_greedy_equals_the_fixed_batch_decoder_at_any_slot_count(sharp):
         assert generate_ids(cfg, params, inputs, limits, batch_size=slots) == want, slots
 
 
-def test_windows_and_cross_lengths_grow_and_shrink(sharp):
-    """Outputs past the first window (64) and inputs past the first cross-attention length
-    (64) resize the slot arrays mid-run; results stay those of the fixed-batch decoder."""
+def test_page_pool_and_cross_length_grow_mid_run(sharp):
+    """Outputs over several pages from a pool too small for them (rows wait, the pool
+    grows) and an input past the first cross-attention length (64): results stay those of
+    the fixed-batch decoder."""
     cfg, params = sharp
     inputs = _inputs(6, seed=2, longest=30) + [list(range(3, 80))] + _inputs(5, seed=3, longest=20)
     limits = [90, 8, 70, 12, 100, 3, 90, 20, 6, 75, 9, 4]
     want = _fixed_batch(cfg, params, inputs, limits)
     assert max(len(w) for w in want) > 64
-    engine = Engine(cfg, 3)
+    engine = Engine(cfg, 3, pages=2)
     assert engine.generate(params, inputs, limits) == want
-    assert engine.stats["calls"]["resize"] >= 2
+    assert engine.stats["pages"][0] == 2 and len(engine.stats["pages"]) >= 2  # grew
+    assert engine.stats["calls"]["resize"] >= 2  # the pool and the cross-attention length
+
+
+def test_pool_grows_when_rows_wait_and_shrinks_when_its_top_is_free():
+    from tinyllm_jax.eval.engine import Pool
+
+    pool = Pool(64, 256)
+    assert pool.size == 128 and pool.largest == 512
+    assert pool.wanted(stalled=0, owners=None) == 128
+    pool.size = pool.wanted(stalled=3, owners=None)
+    assert pool.size == 192
+    owners = np.full(192, 64)  # all free
+    owners[:40] = 7  # 40 in use, all below the smaller size
+    assert pool.wanted(stalled=0, owners=owners) == 128
+    owners[150] = 3  # one in use past it: no cut
+    assert pool.wanted(stalled=0, owners=owners) == 192
 
 
 @pytest.fixture(scope="module")

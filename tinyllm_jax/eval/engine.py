@@ -4,21 +4,27 @@ A batch that decodes until its longest row stops spends most of its work on rows
 finished (teacher rationales run from a few tokens to the 256-token cap). Here a fixed number
 of slots decode in lockstep inside one compiled `lax.while_loop`, each slot at its own
 position. The loop hands control back to the host when enough slots are free to take the
-next waiting requests, when the oldest row reaches the end of the self-attention window, or
-after `max_steps`; the host collects the finished rows, encodes the newcomers (their
-cross-attention keys and values are written into the free slot rows, whose self-attention
-cache rows are zeroed) and resumes. Shapes stay few, so compiles stay few: the slot count is
-fixed, newcomers are encoded in groups of `admit_rows` at bucketed lengths, and the
-self-attention window and the cross-attention length grow and shrink by powers of two.
+next waiting requests, when the page pool is full, or after `max_steps`; the host collects
+the finished rows, encodes the newcomers (their cross-attention keys and values are written
+into the free slot rows) and resumes.
+
+Self-attention keys and values live in a pool of pages of `PAGE` positions, handed to a row
+as it reaches each page and taken back when it finishes, so each step reads the positions
+the rows have reached (rounded up to a page), not slots x the longest row: on a CPU the
+decode step is bound by reading that cache. Queries are gathered to the pages, each page
+scores its keys, and the softmax and the weighted values are summed over a row's pages in
+page order (`PagedCache`). Shapes stay few, so compiles stay few: the slot count is fixed,
+newcomers are encoded in groups of `admit_rows` at bucketed lengths, and the pool size and
+the cross-attention length change in coarse steps.
 
 Written by hand: no maintained JAX library batches an encoder-decoder this way.
 
 Each request's result depends on the model, its input, the settings and its own seed only:
 a sampled token draws from `fold_in(key(seed), position)`, never from the slot or the
-batch. (Floating-point rounding in batched matmuls is the one channel left; a token flips
-only if two candidates are within about 1e-6 of each other.) Under a mesh the slots are
-split over the batch axes; on multi-host meshes every process runs the same schedule and
-reads every slot.
+batch, and a row's attention sums run over its own pages in order. (Floating-point rounding
+in batched matmuls is the one channel left; a token flips only if two candidates are within
+about 1e-6 of each other.) Under a mesh the slots and the pages are split over the batch
+axes; on multi-host meshes every process runs the same schedule and reads every slot.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tinyllm_jax.model.t5 import T5, T5Config
+from tinyllm_jax.model.t5 import NEG_INF, T5, T5Config
 
 
 def bucket_length(n: int, multiple: int = 16) -> int:
@@ -44,13 +50,13 @@ def bucket_length(n: int, multiple: int = 16) -> int:
     return 1 << (n - 1).bit_length()
 
 
-# The slot arrays' self-attention window and cross-attention length are powers of two, at
-# least this: each shape compiles the decode loop once more (about 2 s on a CPU), and
-# attention over 64 positions or fewer is a small part of a step.
-SHAPE_FLOOR = 64
+PAGE = 32  # positions a page of the self-attention cache
+# The cross-attention length is a power of two, at least this: each length compiles the
+# decode loop once more (about 2 s on a CPU).
+CROSS_FLOOR = 64
 
 
-def power_bucket(n: int, floor: int = SHAPE_FLOOR) -> int:
+def power_bucket(n: int, floor: int = CROSS_FLOOR) -> int:
     """The power of two >= n, at least `floor`."""
     return max(floor, 1 << max(0, n - 1).bit_length())
 
@@ -99,9 +105,13 @@ class Sampling:
 
 
 class Slots(NamedTuple):
-    """The device state of the slots (S rows); a pytree carried through the loop."""
+    """The device state of the slots (S rows) and the page pool (N pages); a pytree carried
+    through the loop."""
 
-    self_kv: tuple  # per decoder layer (k, v), [S, H, W, K]: W the window
+    pages_kv: tuple  # per decoder layer (k, v), [N, H, PAGE, K]
+    page_owner: jax.Array  # [N] the slot holding the page; S: free
+    page_index: jax.Array  # [N] which of its owner's pages it is (positions index*PAGE ...)
+    slot_pages: jax.Array  # [S, M] the pages of each slot in order; -1: none (M = ceil(T / PAGE))
     cross_kv: tuple  # per decoder layer (k, v), [S, H, E, K]: E the cross-attention length
     enc_mask: jax.Array  # [S, E] bool
     pos: jax.Array  # [S] tokens generated so far (the next step's position)
@@ -112,6 +122,44 @@ class Slots(NamedTuple):
     key: jax.Array  # [S, 2] uint32 key data of the request's seed
     steps: jax.Array  # () decoder steps run
     live_steps: jax.Array  # () rows that were live, summed over the steps: tokens generated
+    stalled: jax.Array  # () rows that waited for a page in the last step
+
+
+class PagedCache(NamedTuple):
+    """One decoder layer's self-attention over the page pool, for one step: what
+    `T5.decode_step` calls as a cache that attends itself (see model/t5.py DecoderBlock).
+    The step's page tables are shared by all layers."""
+
+    k: jax.Array  # [N, H, PAGE, K]
+    v: jax.Array
+    write_page: jax.Array  # [S] the page each row writes this step (N: none)
+    write_at: jax.Array  # [S] the position in that page
+    owner: jax.Array  # [N] the owning slot (clipped into range)
+    valid: jax.Array  # [N, PAGE] key position <= the owner's position, on an owned page
+    bias: jax.Array  # [N, H, PAGE] relative position bias of each key for its owner's query
+    slot_pages: jax.Array  # [S, M] the slots' pages in order (clipped into range)
+    has_page: jax.Array  # [S, M]
+
+    def write(self, k_BxHx1xK, v_BxHx1xK) -> "PagedCache":
+        def put(pages, new):
+            new = new[:, :, 0].astype(pages.dtype)
+            new = jnp.where(jnp.isfinite(new), new, 0)  # a diverged row never leaves NaN for a page's next owner
+            return pages.at[self.write_page, :, self.write_at].set(new, mode="drop")
+
+        return self._replace(k=put(self.k, k_BxHx1xK), v=put(self.v, v_BxHx1xK))
+
+    def attend(self, q_SxHx1xK: jax.Array) -> jax.Array:
+        q_NxHxK = q_SxHx1xK[:, :, 0][self.owner]
+        scores = jnp.einsum("nhk,nhpk->nhp", q_NxHxK, self.k).astype(jnp.float32) + self.bias
+        scores = jnp.where(self.valid[:, None, :], scores, NEG_INF)
+        mine = self.has_page[:, :, None]
+        top_SxH = jnp.max(jnp.where(mine, scores.max(-1)[self.slot_pages], NEG_INF), axis=1)
+        e_NxHxP = jnp.exp(scores - top_SxH[self.owner][:, :, None])
+        total_SxH = jnp.sum(jnp.where(mine, e_NxHxP.sum(-1)[self.slot_pages], 0.0), axis=1)
+        out_NxHxK = jnp.einsum("nhp,nhpk->nhk", e_NxHxP.astype(self.v.dtype), self.v).astype(jnp.float32)
+        out_SxHxK = jnp.sum(jnp.where(mine[..., None], out_NxHxK[self.slot_pages], 0.0), axis=1)
+        out_SxHxK = out_SxHxK / jnp.where(total_SxH > 0, total_SxH, 1.0)[..., None]
+        return out_SxHxK[:, :, None, :].astype(q_SxHx1xK.dtype)
 
 
 @functools.lru_cache(maxsize=32)
@@ -126,7 +174,7 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
 
     def jit(fn, donate=()):
         """jax.jit per value of the keyword (static) arguments; under a mesh the slot state
-        comes out with its rows over `row_axes`."""
+        comes out with its slots and pages over `row_axes`."""
         cache: dict = {}
 
         def call(*args, **static_kw):
@@ -141,11 +189,14 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
 
         return call
 
-    def init(*, slots: int, window: int, enc_len: int, max_len: int) -> Slots:
-        kv = lambda L: tuple((jnp.zeros((slots, H, L, K), dt), jnp.zeros((slots, H, L, K), dt)) for _ in range(n_layers))
+    def init(*, slots: int, pages: int, enc_len: int, max_len: int) -> Slots:
+        kv = lambda n, L: tuple((jnp.zeros((n, H, L, K), dt), jnp.zeros((n, H, L, K), dt)) for _ in range(n_layers))
         z = jnp.zeros((slots,), jnp.int32)
-        return Slots(kv(window), kv(enc_len), jnp.zeros((slots, enc_len), bool), z, z, jnp.zeros((slots, max_len), jnp.int32),
-                     jnp.ones((slots,), bool), z, jnp.zeros((slots, 2), jnp.uint32), jnp.int32(0), jnp.int32(0))
+        return Slots(kv(pages, PAGE), jnp.full((pages,), slots, jnp.int32), jnp.zeros((pages,), jnp.int32),
+                     jnp.full((slots, -(-max_len // PAGE)), -1, jnp.int32), kv(slots, enc_len),
+                     jnp.zeros((slots, enc_len), bool), z, z, jnp.zeros((slots, max_len), jnp.int32),
+                     jnp.ones((slots,), bool), z, jnp.zeros((slots, 2), jnp.uint32), jnp.int32(0), jnp.int32(0),
+                     jnp.int32(0))
 
     def encode(params, tokens_RxL):
         """Newcomers' cross-attention keys and values: per decoder layer (k, v) [R, H, L, K]."""
@@ -156,29 +207,33 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
 
     def insert(st: Slots, cross, mask_RxL, slots_R, limits_R, keys_Rx2) -> Slots:
         """Puts R encoded newcomers into slot rows `slots_R` (an index >= S: a padding row,
-        dropped); their self-attention cache rows are zeroed."""
+        dropped). Their pages come as they reach them."""
         R, L = mask_RxL.shape
-        E, W = st.enc_mask.shape[1], st.self_kv[0][0].shape[2]
+        E = st.enc_mask.shape[1]
         put = lambda buf, rows: buf.at[slots_R].set(rows.astype(buf.dtype), mode="drop")
         widen = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, E - L), (0, 0)))
-        zeros = jnp.zeros((R, H, W, K), dt)
         return st._replace(
             cross_kv=tuple((put(k, widen(nk)), put(v, widen(nv))) for (k, v), (nk, nv) in zip(st.cross_kv, cross)),
-            self_kv=tuple((put(k, zeros), put(v, zeros)) for k, v in st.self_kv),
             enc_mask=put(st.enc_mask, jnp.pad(mask_RxL, ((0, 0), (0, E - L)))),
+            slot_pages=put(st.slot_pages, jnp.full((R, st.slot_pages.shape[1]), -1, jnp.int32)),
             pos=put(st.pos, jnp.zeros((R,), jnp.int32)),
             token=put(st.token, jnp.full((R,), cfg.decoder_start_token_id, jnp.int32)),
             out=put(st.out, jnp.zeros((R, st.out.shape[1]), jnp.int32)),
             done=put(st.done, jnp.zeros((R,), bool)), limit=put(st.limit, limits_R), key=put(st.key, keys_Rx2))
 
-    def resize(st: Slots, *, window: int, enc_len: int) -> Slots:
-        """Pads or cuts the self-attention window and the cross-attention length."""
-        def fit(x, n, axis):
+    def resize(st: Slots, *, pages: int, enc_len: int) -> Slots:
+        """Grows or cuts the page pool (cut only past the last page in use) and the
+        cross-attention length."""
+        S = st.pos.shape[0]
+
+        def fit(x, n, axis, fill=0):
             if x.shape[axis] >= n:
                 return jax.lax.slice_in_dim(x, 0, n, axis=axis)
-            return jnp.pad(x, [(0, n - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
+            pad = [(0, n - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)]
+            return jnp.pad(x, pad, constant_values=fill)
 
-        return st._replace(self_kv=jax.tree.map(lambda x: fit(x, window, 2), st.self_kv),
+        return st._replace(pages_kv=jax.tree.map(lambda x: fit(x, pages, 0), st.pages_kv),
+                           page_owner=fit(st.page_owner, pages, 0, fill=S), page_index=fit(st.page_index, pages, 0),
                            cross_kv=jax.tree.map(lambda x: fit(x, enc_len, 2), st.cross_kv),
                            enc_mask=fit(st.enc_mask, enc_len, 1))
 
@@ -189,39 +244,102 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
         keys = jax.vmap(lambda d, p: jax.random.fold_in(jax.random.wrap_key_data(d, impl="threefry2x32"), p))(st.key, st.pos)
         return jax.vmap(jax.random.categorical)(keys, logits_SxV).astype(jnp.int32)
 
+    def take_pages(st: Slots, live):
+        """Hands a free page to each live row that has reached a new one (lowest free pages
+        first, rows in slot order); rows left without one wait this step. Returns the
+        updated state and the rows that step."""
+        S, N = st.pos.shape[0], st.page_owner.shape[0]
+        rows = jnp.arange(S)
+        index = st.pos // PAGE
+        current = st.slot_pages[rows, jnp.minimum(index, st.slot_pages.shape[1] - 1)]
+        need = live & (st.pos % PAGE == 0) & (current < 0)
+        free = st.page_owner >= S
+        free_pages = jnp.argsort(~free, stable=True)
+        rank = jnp.cumsum(need.astype(jnp.int32)) - 1
+        got = need & (rank < jnp.sum(free.astype(jnp.int32)))
+        page = jnp.where(got, free_pages[jnp.clip(rank, 0, N - 1)], N)
+        st = st._replace(slot_pages=st.slot_pages.at[rows, jnp.where(got, index, st.slot_pages.shape[1])].set(page, mode="drop"),
+                         page_owner=st.page_owner.at[page].set(rows, mode="drop"),
+                         page_index=st.page_index.at[page].set(index, mode="drop"))
+        return st, live & ~(need & ~got)
+
     def run(params, st: Slots, refill_at, max_steps) -> Slots:
-        """Decodes until `refill_at` slots are free, no row is live, the oldest row fills the
-        window, or `max_steps` steps."""
+        """Decodes until `refill_at` slots are free, no row is live, a row waits for a page,
+        or `max_steps` steps."""
         variables = {"params": params}
-        S, W = st.pos.shape[0], st.self_kv[0][0].shape[2]
+        S, N = st.pos.shape[0], st.page_owner.shape[0]
         T = st.out.shape[1]
-        bias = model.apply(variables, W, method=T5.decoder_bias)
+        bias_HxT = model.apply(variables, T, method=T5.decoder_bias_by_distance)
         rows = jnp.arange(S)
 
         def cond(carry):
             st, n = carry
-            live = ~st.done
-            return ((n < max_steps) & jnp.any(live) & (jnp.sum(st.done.astype(jnp.int32)) < refill_at)
-                    & jnp.all(st.done | (st.pos < W)))
+            return ((n < max_steps) & jnp.any(~st.done) & (jnp.sum(st.done.astype(jnp.int32)) < refill_at)
+                    & (st.stalled == 0))
 
         def body(carry):
             st, n = carry
-            live = ~st.done
-            index = jnp.where(live, st.pos, W)  # finished rows write nothing
-            logits, self_kv = model.apply(variables, st.token, index, st.self_kv, st.cross_kv, st.enc_mask, bias,
-                                          method=T5.decode_step)
-            nxt = jnp.where(live, choose(logits, st), 0)
-            out = st.out.at[rows, jnp.where(live, st.pos, T)].set(nxt, mode="drop")
-            finished = live & ((nxt == eos_id) | (st.pos + 1 >= st.limit))
-            st = st._replace(self_kv=tuple(tuple(kv) for kv in self_kv), out=out, token=nxt, pos=st.pos + live.astype(jnp.int32),
-                             done=st.done | finished, steps=st.steps + 1,
-                             live_steps=st.live_steps + jnp.sum(live.astype(jnp.int32)))
+            st, step = take_pages(st, ~st.done)
+            owner = jnp.minimum(st.page_owner, S - 1)
+            key_pos = st.page_index[:, None] * PAGE + jnp.arange(PAGE)[None, :]
+            query_pos = st.pos[owner][:, None]
+            valid = (st.page_owner < S)[:, None] & (key_pos <= query_pos)
+            bias = jnp.transpose(bias_HxT[:, jnp.clip(query_pos - key_pos, 0, T - 1)], (1, 0, 2))
+            tables = dict(write_page=jnp.where(step, st.slot_pages[rows, jnp.minimum(st.pos // PAGE, st.slot_pages.shape[1] - 1)], N),
+                          write_at=st.pos % PAGE, owner=owner, valid=valid, bias=bias,
+                          slot_pages=jnp.maximum(st.slot_pages, 0), has_page=st.slot_pages >= 0)
+            caches = [PagedCache(k, v, **tables) for k, v in st.pages_kv]
+            logits, caches = model.apply(variables, st.token, None, caches, st.cross_kv, st.enc_mask, None,
+                                         method=T5.decode_step)
+            nxt = jnp.where(step, choose(logits, st), st.token)
+            out = st.out.at[rows, jnp.where(step, st.pos, T)].set(nxt, mode="drop")
+            finished = step & ((nxt == eos_id) | (st.pos + 1 >= st.limit))
+            freed = (st.page_owner < S) & finished[owner]  # a finished row's pages go back to the pool
+            st = st._replace(pages_kv=tuple((c.k, c.v) for c in caches), out=out, token=nxt,
+                             pos=st.pos + step.astype(jnp.int32), done=st.done | finished,
+                             page_owner=jnp.where(freed, S, st.page_owner),
+                             slot_pages=jnp.where(finished[:, None], -1, st.slot_pages), steps=st.steps + 1,
+                             live_steps=st.live_steps + jnp.sum(step.astype(jnp.int32)),
+                             stalled=jnp.sum((~st.done & ~step).astype(jnp.int32)))
             return st, n + 1
 
+        st = st._replace(stalled=jnp.int32(0))
         return jax.lax.while_loop(cond, body, (st, jnp.int32(0)))[0]
 
     return {"init": jit(init), "encode": jax.jit(encode), "insert": jit(insert, donate=(0,)), "resize": jit(resize),
             "run": jit(run, donate=(1,))}
+
+
+class Pool:
+    """The page pool's size, chosen on the host: at first two pages a slot (64 positions;
+    or `initial`), half as much again each time a row had to wait for a page, back down
+    when the pages past a smaller size are all free and most are unused. Sizes are multiples
+    of 8 (and of the mesh's row divisor); each size compiles the loop once."""
+
+    def __init__(self, slots: int, max_len: int, divisor: int = 1, initial: int | None = None):
+        self.slots, self.divisor = slots, divisor
+        self.largest = self._round(slots * -(-max_len // PAGE))
+        first = initial if initial is not None else self._round(2 * slots)
+        self.smallest = min(self.largest, -(-first // divisor) * divisor)
+        self.size = self.smallest
+        self.history = [self.size]
+
+    def _round(self, n: int) -> int:
+        unit = 8 * self.divisor // np.gcd(8, self.divisor)
+        return -(-n // unit) * unit
+
+    def wanted(self, stalled: int, owners: np.ndarray | None) -> int:
+        size = self.size
+        if stalled:
+            size = min(self.largest, self._round(size * 3 // 2))
+        elif owners is not None:
+            used = int((owners < self.slots).sum())
+            smaller = max(self.smallest, self._round(size * 2 // 3))
+            if smaller < size and used < smaller // 2 and (owners[smaller:] >= self.slots).all():
+                size = smaller
+        if size != self.size:
+            self.history.append(size)
+        return size
 
 
 def _fetch(x: jax.Array) -> np.ndarray:
@@ -235,23 +353,24 @@ def _fetch(x: jax.Array) -> np.ndarray:
 class Engine:
     """Generates for many requests over `slots` rows (see the module docstring).
 
-    `mesh` splits the slots over `row_axes` (the slot count is rounded up to a multiple of
-    their size); `admit_rows` newcomers are encoded a call (the loop returns to the host
-    when that many slots are free)."""
+    `mesh` splits the slots and pages over `row_axes` (the slot count is rounded up to a
+    multiple of their size); `admit_rows` newcomers are encoded a call (the loop returns to
+    the host when that many slots are free); `pages` sets the page pool's first size."""
 
     def __init__(self, cfg: T5Config, slots: int, *, sampling: Sampling = Sampling(), eos_id: int | None = None,
                  mesh: Mesh | None = None, row_axes: tuple[str, ...] | None = None, admit_rows: int | None = None,
-                 max_steps: int = 128):
+                 max_steps: int = 128, pages: int | None = None):
         from tinyllm_jax.runtime import sharding
 
         self.cfg, self.sampling = cfg, sampling
         self.eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
         self.mesh = mesh
         self.row_axes = tuple(row_axes or sharding.BATCH_AXES) if mesh is not None else None
-        divisor = int(np.prod([mesh.shape[a] for a in self.row_axes])) if mesh is not None else 1
-        self.slots = -(-max(1, slots) // divisor) * divisor
+        self.divisor = int(np.prod([mesh.shape[a] for a in self.row_axes])) if mesh is not None else 1
+        self.slots = -(-max(1, slots) // self.divisor) * self.divisor
         self.admit_rows = max(1, min(self.slots, admit_rows or max(1, self.slots // 16)))
         self.max_steps = max_steps
+        self.pages = pages
         self.fns = _compiled(cfg, sampling, self.eos_id, mesh, self.row_axes)
         self.stats: dict[str, Any] = {}
 
@@ -295,22 +414,23 @@ class Engine:
         T = int(max(max_new_tokens))
         waiting = collections.deque(sorted(range(n), key=lambda i: lengths[i]))  # similar lengths encode together
         owner = np.full(S, -1)
-        window, enc_len = min(T, SHAPE_FLOOR), power_bucket(lengths[waiting[0]])
-        st = fns["init"](slots=S, window=window, enc_len=enc_len, max_len=T)
+        pool = Pool(S, T, self.divisor, self.pages)
+        enc_len = power_bucket(lengths[waiting[0]])
+        st = fns["init"](slots=S, pages=pool.size, enc_len=enc_len, max_len=T)
         calls = collections.Counter()
         started = time.perf_counter()
         bar = tqdm(total=n, desc="generate", unit="row", disable=not progress)
         pos = np.zeros(S, np.int64)
-        generated = last_steps = 0
+        generated = last_steps = stalled = 0
         while waiting or (owner >= 0).any():
             free = np.flatnonzero(owner < 0)
             take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
             live_inputs = [lengths[i] for i in owner[owner >= 0]] + [lengths[i] for i in take]
             want_enc = power_bucket(max(live_inputs))
-            want_window = min(T, power_bucket(int(pos[owner >= 0].max(initial=0)) + 1))
-            if (want_enc, want_window) != (enc_len, window):
-                window, enc_len = want_window, want_enc
-                st = fns["resize"](st, window=window, enc_len=enc_len)
+            want_pages = pool.wanted(stalled, _fetch(st.page_owner) if pool.size > pool.smallest else None)
+            if (want_enc, want_pages) != (enc_len, pool.size):
+                enc_len, pool.size = want_enc, want_pages
+                st = fns["resize"](st, pages=pool.size, enc_len=enc_len)
                 calls["resize"] += 1
             for g in range(0, len(take), A):
                 group, slots_g = take[g:g + A], free[g:g + A]
@@ -331,6 +451,7 @@ class Engine:
             st = fns["run"](params, st, self._put(np.int32(refill_at)), self._put(np.int32(self.max_steps)))
             calls["run"] += 1
             done, pos, steps = _fetch(st.done), _fetch(st.pos).copy(), int(_fetch(st.steps))
+            stalled = int(_fetch(st.stalled))
             if steps == last_steps:  # a guard: every call must step while rows are live
                 raise RuntimeError(f"generation engine: no step taken with {int((~done).sum())} live slots")
             last_steps = steps
@@ -348,8 +469,10 @@ class Engine:
         bar.close()
         live = int(_fetch(st.live_steps))
         self.stats = {"requests": n, "slots": S, "admit_rows": A, "steps": steps, "generated_tokens": live,
-                      "live_fraction": live / max(1, steps * S), "calls": dict(calls),
+                      "live_fraction": live / max(1, steps * S), "calls": dict(calls), "pages": pool.history,
                       "seconds": time.perf_counter() - started}
+        if self.mesh is not None:
+            self.stats["row_axes"] = {"slots": list(st.pos.sharding.spec[0]), "pages": list(st.pages_kv[0][0].sharding.spec[0])}
         return results
 
 
