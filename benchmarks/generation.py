@@ -53,7 +53,7 @@ FULL = dict(arch="t5-cpu-small", tokenizer_vocab=8000, requests=1024, max_length
             slots=(32, 64, 128, 256), repeats=2, fixed_new_tokens=64, matmul_n=2048)
 QUICK = dict(arch="t5-tiny", tokenizer_vocab=300, requests=24, max_length=32, batch=8,
              slots=(4, 8), repeats=1, fixed_new_tokens=8, matmul_n=256)
-HIGH_LOAD = 1.5  # 1-minute load average per core above which a round is repeated once
+BUSY = 0.25  # cores used by other processes during a round above which it is repeated
 
 
 # --------------------------------------------------------------------------- requests
@@ -228,20 +228,35 @@ def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _timed(fn, repeats: int, cores: int) -> tuple[list[float], list[list[float]], Any]:
-    """Runs `fn` `repeats` times (once more for each run that began under high load, at
-    most `repeats` more); returns the wall times, the load averages at each start, and the
-    last result."""
-    times, loads, result, extra = [], [], None, 0
+def _cpu_seconds() -> tuple[float | None, float]:
+    """(CPU seconds every process has used, from /proc/stat; this process's own)."""
+    own = sum(os.times()[:2])
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None, own
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), own  # all but idle and iowait
+
+
+def _timed(fn, repeats: int) -> dict[str, Any]:
+    """Runs `fn` `repeats` times, and once more (at most `repeats` more) for each run during
+    which other processes kept more than BUSY cores busy; the median wall time is over the
+    quiet runs when there are any. Returns the times, the load seen and the last result."""
+    times, others, loads, result, extra = [], [], [], None, 0
     while len(times) < repeats + extra:
-        load = _load()
-        t0 = time.perf_counter()
+        loads.append(_load())
+        (busy0, own0), t0 = _cpu_seconds(), time.perf_counter()
         result = fn()
-        times.append(time.perf_counter() - t0)
-        loads.append(load)
-        if load[0] / cores > HIGH_LOAD and extra < repeats:
+        (busy1, own1), wall = _cpu_seconds(), time.perf_counter() - t0
+        times.append(wall)
+        other = None if busy0 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+        others.append(None if other is None else round(other, 2))
+        if other is not None and other > BUSY and extra < repeats:
             extra += 1
-    return times, loads, result
+    quiet = [t for t, o in zip(times, others) if o is None or o <= BUSY]
+    return {"times_s": [round(t, 3) for t in times], "other_processes_cores": others, "load_average": loads,
+            "seconds": statistics.median(quiet or times), "quiet_runs": len(quiet), "result": result}
 
 
 def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path | None = RESULTS,
@@ -271,7 +286,9 @@ def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path 
                    "torch_threads": torch.get_num_threads(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                    "load_average_at_start": _load()},
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-        "notes": ["useful tokens: the requests' lengths (EOS included); tokens/s over the median wall time",
+        "notes": ["useful tokens: the requests' lengths (EOS included); tokens/s over the median wall time "
+                  "of the runs during which other processes used at most %.2f cores (/proc/stat), when there "
+                  "are any (quiet_runs)" % BUSY,
                   "live fraction: decoder row-steps on rows still generating over all row-steps computed",
                   "both systems decode the same length-sorted requests with the same weights; compile "
                   "(ours) and the first call (both) are excluded by a warm-up run"],
@@ -298,11 +315,10 @@ def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path 
 
         log(f"[generation] transformers generate, batch {s['batch']}, {len(inputs)} requests")
         hf_generate(hf, inputs[:s["batch"]], lengths[:s["batch"]], s["batch"], eos)  # warm-up
-        t, loads, (ref_out, ref_row_steps) = _timed(lambda: hf_generate(hf, inputs, lengths, s["batch"], eos),
-                                                     s["repeats"], cores)
-        res["generate"] = {"batch": s["batch"], "times_s": [round(x, 3) for x in t], "load_average": loads,
-                           "seconds": statistics.median(t), "useful_tokens": useful,
-                           "useful_tokens_per_s": useful / statistics.median(t),
+        run = _timed(lambda: hf_generate(hf, inputs, lengths, s["batch"], eos), s["repeats"])
+        ref_out, ref_row_steps = run.pop("result")
+        res["generate"] = {"batch": s["batch"], **run, "useful_tokens": useful,
+                           "useful_tokens_per_s": useful / run["seconds"],
                            "row_steps": ref_row_steps, "live_fraction": useful / ref_row_steps}
 
         res["ours"] = []
@@ -310,16 +326,17 @@ def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path 
             log(f"[generation] ours, {S} slots")
             engine = Engine(cfg, S)
             ours(engine, params, inputs, lengths)  # compiles every shape this request set needs
-            t, loads, (out, stats) = _timed(lambda: ours(engine, params, inputs, lengths), s["repeats"], cores)
+            run = _timed(lambda: ours(engine, params, inputs, lengths), s["repeats"])
+            out, stats = run.pop("result")
             # ours stops at the length; generate's last token is the forced EOS: compare the rest
             same = sum(int(o[:n - 1] == r) for o, r, n in zip(out, ref_out, lengths))
             full_length = sum(int(len(o) == n) for o, n in zip(out, lengths))
-            res["ours"].append({"slots": S, "admit_rows": stats["admit_rows"], "times_s": [round(x, 3) for x in t],
-                                "load_average": loads, "seconds": statistics.median(t),
-                                "useful_tokens_per_s": useful / statistics.median(t),
-                                "ratio_vs_generate": res["generate"]["seconds"] / statistics.median(t),
+            res["ours"].append({"slots": S, "admit_rows": stats["admit_rows"], **run,
+                                "useful_tokens_per_s": useful / run["seconds"],
+                                "ratio_vs_generate": res["generate"]["seconds"] / run["seconds"],
                                 "steps": stats["steps"], "generated_tokens": stats["generated_tokens"],
                                 "live_fraction": stats["live_fraction"], "calls": stats["calls"],
+                                "pages": [int(x) for x in stats["pages"]],
                                 "identical_to_generate": same, "rows_at_full_length": full_length})
         best = max(res["ours"], key=lambda r: r["useful_tokens_per_s"])
         at_batch = next((r for r in res["ours"] if r["slots"] == s["batch"]), None)

@@ -148,3 +148,16 @@ def test_no_inputs_and_sampling_settings(sharp):
     cfg, params = sharp
     assert generate_ids(cfg, params, [], 8) == []
     assert Sampling().greedy and not Sampling(temperature=0.5).greedy
+
+
+def test_first_argmax_is_argmax_with_ties_and_odd_vocabularies():
+    import jax.numpy as jnp
+
+    from tinyllm_jax.eval.engine import first_argmax
+
+    rng = np.random.default_rng(0)
+    for V in (5, 128, 300, 8064):
+        x = rng.integers(0, 4, (16, V)).astype(np.float32)  # many ties
+        x[3] = -np.inf
+        x[4, -1] = 10.0  # the maximum in the padded last chunk
+        np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))

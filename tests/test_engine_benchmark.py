@@ -34,7 +34,8 @@ def test_quick_run_writes_every_figure(tmp_path, capsys):
         assert r["rows_at_full_length"] == n and r["identical_to_generate"] == n
         assert r["generated_tokens"] == g["useful_tokens"] and 0 < r["live_fraction"] <= 1
         assert r["useful_tokens_per_s"] > 0 and r["ratio_vs_generate"] > 0
-        assert all(len(x) == 3 for x in r["load_average"])
+        assert all(len(x) == 3 for x in r["load_average"]) and len(r["other_processes_cores"]) == len(r["times_s"])
+        assert 1 <= len(r["times_s"]) <= 2 and r["quiet_runs"] <= len(r["times_s"])
     assert res["summary"]["best_slots"] in res["settings"]["slots"] and res["summary"]["ratio_at_batch"] > 0
     rf = res["roofline"]
     assert rf["fixed_batch_decode"]["rows_stopped_early"] == 0

@@ -76,13 +76,17 @@ def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits_BxV
 
 
-def first_argmax(logits_BxV: jax.Array) -> jax.Array:
-    """argmax over the last axis (the first of equal maxima, as jnp.argmax) as a max and a
-    min: XLA CPU runs these two plain reductions ~3x faster than argmax's pair reduction."""
-    V = logits_BxV.shape[-1]
-    best = jnp.max(logits_BxV, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, logits_BxV.shape, logits_BxV.ndim - 1)
-    return jnp.minimum(jnp.min(jnp.where(logits_BxV == best, iota, V), axis=-1), V - 1)
+def first_argmax(logits_BxV: jax.Array, chunk: int = 128) -> jax.Array:
+    """argmax over the last axis, the first of equal maxima (as jnp.argmax), in two levels:
+    the chunk holding the first maximum of the chunks' maxima, then the first maximum
+    inside it. XLA CPU runs this ~5x faster than argmax's (value, index) reduction over the
+    vocabulary, a few percent of a decode step."""
+    B, V = logits_BxV.shape
+    n = -(-V // chunk)
+    chunks = jnp.pad(logits_BxV, ((0, 0), (0, n * chunk - V)), constant_values=-jnp.inf).reshape(B, n, chunk)
+    which = jnp.argmax(chunks.max(axis=-1), axis=-1)
+    inside = jnp.take_along_axis(chunks, which[:, None, None], axis=1)[:, 0]
+    return (which * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
 def seed_key_data(seeds: Sequence[int]) -> np.ndarray:
