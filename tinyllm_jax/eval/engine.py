@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -51,14 +52,18 @@ def bucket_length(n: int, multiple: int = 16) -> int:
 
 
 PAGE = 32  # positions a page of the self-attention cache
-# The cross-attention length is a power of two, at least this: each length compiles the
-# decode loop once more (about 2 s on a CPU).
-CROSS_FLOOR = 64
+ENCODE_ROWS = 32  # waiting requests encoded a call (ahead of free slots): the encoder's matmuls want rows
 
 
-def power_bucket(n: int, floor: int = CROSS_FLOOR) -> int:
-    """The power of two >= n, at least `floor`."""
-    return max(floor, 1 << max(0, n - 1).bit_length())
+def input_bucket(n: int) -> int:
+    """The padded length of inputs of up to n tokens, for the encoder and the slots'
+    cross-attention: multiples of 16 up to 64, then 96, 128, 192, 256, ... Each length
+    compiles once more (the decode loop: about 2 s on a CPU); a decode step reads slots x
+    this length of cross-attention keys and values."""
+    if n <= 64:
+        return bucket_length(n)
+    b = 1 << (n - 1).bit_length()
+    return b * 3 // 4 if n <= b * 3 // 4 else b
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -209,9 +214,11 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
         encoded = model.apply(variables, tokens_RxL, mask_RxL.astype(jnp.int32), method=T5.encode)
         return tuple(tuple(kv) for kv in model.apply(variables, encoded, method=T5.cross_kv)), mask_RxL
 
-    def insert(st: Slots, cross, mask_RxL, slots_R, limits_R, keys_Rx2) -> Slots:
-        """Puts R encoded newcomers into slot rows `slots_R` (an index >= S: a padding row,
-        dropped). Their pages come as they reach them."""
+    def insert(st: Slots, cross, mask_GxL, rows_R, slots_R, limits_R, keys_Rx2) -> Slots:
+        """Puts rows `rows_R` of an encoded group into slot rows `slots_R` (an index >= S: a
+        padding row, dropped). Their pages come as they reach them."""
+        cross = jax.tree.map(lambda x: x[rows_R], cross)
+        mask_RxL = mask_GxL[rows_R]
         R, L = mask_RxL.shape
         E = st.enc_mask.shape[1]
         put = lambda buf, rows: buf.at[slots_R].set(rows.astype(buf.dtype), mode="drop")
@@ -329,7 +336,7 @@ class Pool:
         self.history = [self.size]
 
     def _round(self, n: int) -> int:
-        unit = 8 * self.divisor // np.gcd(8, self.divisor)
+        unit = 8 * self.divisor // math.gcd(8, self.divisor)
         return -(-n // unit) * unit
 
     def wanted(self, stalled: int, owners: np.ndarray | None) -> int:
@@ -358,8 +365,9 @@ class Engine:
     """Generates for many requests over `slots` rows (see the module docstring).
 
     `mesh` splits the slots and pages over `row_axes` (the slot count is rounded up to a
-    multiple of their size); `admit_rows` newcomers are encoded a call (the loop returns to
-    the host when that many slots are free); `pages` sets the page pool's first size."""
+    multiple of their size); waiting requests are encoded `encode_rows` a call, ahead of
+    the slots; the loop returns to the host when `admit_rows` slots are free; `pages` sets
+    the page pool's first size."""
 
     def __init__(self, cfg: T5Config, slots: int, *, sampling: Sampling = Sampling(), eos_id: int | None = None,
                  mesh: Mesh | None = None, row_axes: tuple[str, ...] | None = None, admit_rows: int | None = None,
@@ -373,6 +381,7 @@ class Engine:
         self.divisor = int(np.prod([mesh.shape[a] for a in self.row_axes])) if mesh is not None else 1
         self.slots = -(-max(1, slots) // self.divisor) * self.divisor
         self.admit_rows = max(1, min(self.slots, admit_rows or max(1, self.slots // 16)))
+        self.encode_rows = max(self.admit_rows, min(ENCODE_ROWS, self.slots))
         self.max_steps = max_steps
         self.pages = pages
         self.fns = _compiled(cfg, sampling, self.eos_id, mesh, self.row_axes)
@@ -396,7 +405,78 @@ class Engine:
         finishes (in finishing order)."""
         from tqdm.auto import tqdm
 
-        n = len(token_lists)
+        seeds = self._checked_seeds(len(token_lists), max_new_tokens, seeds)
+        results: list[list[int]] = [[] for _ in token_lists]
+        if not token_lists:
+            return results
+        fns, S = self.fns, self.slots
+        # host (numpy) parameters would be copied to the device at every call: place them once
+        params = jax.tree.map(lambda x: self._put(x) if isinstance(x, np.ndarray) else x, params)
+        lengths = [len(t) for t in token_lists]
+        waiting = collections.deque(sorted(range(len(lengths)), key=lambda i: lengths[i]))  # similar lengths encode together
+        group: _Group | None = None  # encoded, waiting for slots
+        owner = np.full(S, -1)  # the request each slot holds
+        pool = Pool(S, max(max_new_tokens), self.divisor, self.pages)
+        enc_len = input_bucket(lengths[waiting[0]])
+        st = fns["init"](slots=S, pages=pool.size, enc_len=enc_len, max_len=max(max_new_tokens))
+        calls, started = collections.Counter(), time.perf_counter()
+        bar = tqdm(total=len(lengths), desc="generate", unit="row", disable=not progress)
+        pos = np.zeros(S, np.int64)
+        generated = steps = stalled = 0
+        while waiting or group or (owner >= 0).any():
+            free = np.flatnonzero(owner < 0)
+            while len(free) and (group or waiting):  # fill the free slots, encoding ahead as needed
+                if not group:
+                    group = self._encode(params, [waiting.popleft() for _ in range(min(self.encode_rows, len(waiting)))],
+                                         token_lists, max_new_tokens, seeds)
+                    calls["encode"] += 1
+                take = group.take(len(free))
+                if group.length > enc_len:
+                    enc_len = input_bucket(group.length)
+                    st, calls["resize"] = fns["resize"](st, pages=pool.size, enc_len=enc_len), calls["resize"] + 1
+                for g in range(0, len(take), self.admit_rows):
+                    rows = take[g:g + self.admit_rows]
+                    st = group.insert(self, st, rows, free[g:g + len(rows)])
+                    owner[free[g:g + len(rows)]] = [group.ids[r] for r in rows]
+                    calls["insert"] += 1
+                free = free[len(take):]
+            # shorter once the long inputs are done (the group being admitted keeps its length)
+            want_enc = input_bucket(max([lengths[i] for i in owner[owner >= 0]] + ([group.length] if group else [])))
+            want_pages = pool.wanted(stalled, _fetch(st.page_owner) if pool.size > pool.smallest else None)
+            if (want_enc, want_pages) != (enc_len, pool.size):
+                enc_len, pool.size = want_enc, want_pages
+                st, calls["resize"] = fns["resize"](st, pages=pool.size, enc_len=enc_len), calls["resize"] + 1
+            waiting_n = len(waiting) + (group.left if group else 0)
+            refill_at = min(self.admit_rows, waiting_n) if waiting_n else S + 1
+            st = fns["run"](params, st, self._put(np.int32(refill_at)), self._put(np.int32(self.max_steps)))
+            calls["run"] += 1
+            done, pos, now, stalled = _fetch(st.done), _fetch(st.pos), int(_fetch(st.steps)), int(_fetch(st.stalled))
+            if now == steps:  # a guard: every call must step while rows are live
+                raise RuntimeError(f"generation engine: no step taken with {int((~done).sum())} live slots")
+            steps = now
+            finished = np.flatnonzero(done & (owner >= 0))
+            if len(finished):
+                out = _fetch(st.out)
+                for s in finished:
+                    i = int(owner[s])
+                    results[i] = strip_after_eos(out[s, :pos[s]].tolist(), self.eos_id)
+                    if on_result is not None:
+                        on_result(i, results[i])
+                    generated += int(pos[s])
+                    owner[s] = -1
+                bar.update(len(finished))
+            bar.set_postfix(tokens=generated + int(pos[owner >= 0].sum()), refresh=False)
+        bar.close()
+        live = int(_fetch(st.live_steps))
+        self.stats = {"requests": len(lengths), "slots": S, "admit_rows": self.admit_rows,
+                      "encode_rows": self.encode_rows, "steps": steps,
+                      "generated_tokens": live, "live_fraction": live / max(1, steps * S), "calls": dict(calls),
+                      "pages": pool.history, "seconds": time.perf_counter() - started}
+        if self.mesh is not None:
+            self.stats["row_axes"] = {"slots": list(st.pos.sharding.spec[0]), "pages": list(st.pages_kv[0][0].sharding.spec[0])}
+        return results
+
+    def _checked_seeds(self, n: int, max_new_tokens: Sequence[int], seeds: Sequence[int] | None) -> Sequence[int]:
         if len(max_new_tokens) != n:
             raise ValueError(f"max_new_tokens: {len(max_new_tokens)} limits for {n} requests")
         if min(max_new_tokens, default=1) < 1:
@@ -404,80 +484,51 @@ class Engine:
         if seeds is None:
             if not self.sampling.greedy:
                 raise ValueError("sampling (temperature > 0) needs one integer seed a request (`seeds=`)")
-            seeds = [0] * n
+            return [0] * n
         if len(seeds) != n:
             raise ValueError(f"seeds: {len(seeds)} seeds for {n} requests")
-        results: list[list[int]] = [[] for _ in range(n)]
-        if n == 0:
-            return results
-        fns, S, A, eos = self.fns, self.slots, self.admit_rows, self.eos_id
-        # host (numpy) parameters would be copied to the device at every call: place them once
-        params = jax.tree.map(lambda x: self._put(x) if isinstance(x, np.ndarray) else x, params)
-        keys = seed_key_data(seeds)
-        lengths = [len(t) for t in token_lists]
-        T = int(max(max_new_tokens))
-        waiting = collections.deque(sorted(range(n), key=lambda i: lengths[i]))  # similar lengths encode together
-        owner = np.full(S, -1)
-        pool = Pool(S, T, self.divisor, self.pages)
-        enc_len = power_bucket(lengths[waiting[0]])
-        st = fns["init"](slots=S, pages=pool.size, enc_len=enc_len, max_len=T)
-        calls = collections.Counter()
-        started = time.perf_counter()
-        bar = tqdm(total=n, desc="generate", unit="row", disable=not progress)
-        pos = np.zeros(S, np.int64)
-        generated = last_steps = stalled = 0
-        while waiting or (owner >= 0).any():
-            free = np.flatnonzero(owner < 0)
-            take = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-            live_inputs = [lengths[i] for i in owner[owner >= 0]] + [lengths[i] for i in take]
-            want_enc = power_bucket(max(live_inputs))
-            want_pages = pool.wanted(stalled, _fetch(st.page_owner) if pool.size > pool.smallest else None)
-            if (want_enc, want_pages) != (enc_len, pool.size):
-                enc_len, pool.size = want_enc, want_pages
-                st = fns["resize"](st, pages=pool.size, enc_len=enc_len)
-                calls["resize"] += 1
-            for g in range(0, len(take), A):
-                group, slots_g = take[g:g + A], free[g:g + A]
-                L = bucket_length(max(lengths[i] for i in group))
-                tokens = np.zeros((A, L), np.int32)
-                where = np.full(A, S, np.int32)  # padding rows: an index past the slots, dropped
-                limits = np.zeros(A, np.int32)
-                key_rows = np.zeros((A, 2), np.uint32)
-                for r, (i, s) in enumerate(zip(group, slots_g)):
-                    tokens[r, :lengths[i]] = token_lists[i]
-                    where[r], limits[r], key_rows[r] = s, max_new_tokens[i], keys[i]
-                    owner[s] = i
-                    pos[s] = 0
-                cross, mask = fns["encode"](params, self._put(tokens))
-                st = fns["insert"](st, cross, mask, self._put(where), self._put(limits), self._put(key_rows))
-                calls["admit"] += 1
-            refill_at = min(A, len(waiting)) if waiting else S + 1
-            st = fns["run"](params, st, self._put(np.int32(refill_at)), self._put(np.int32(self.max_steps)))
-            calls["run"] += 1
-            done, pos, steps = _fetch(st.done), _fetch(st.pos).copy(), int(_fetch(st.steps))
-            stalled = int(_fetch(st.stalled))
-            if steps == last_steps:  # a guard: every call must step while rows are live
-                raise RuntimeError(f"generation engine: no step taken with {int((~done).sum())} live slots")
-            last_steps = steps
-            finished = np.flatnonzero(done & (owner >= 0))
-            if len(finished):
-                out = _fetch(st.out)
-                for s in finished:
-                    results[owner[s]] = strip_after_eos(out[s, :pos[s]].tolist(), eos)
-                    if on_result is not None:
-                        on_result(int(owner[s]), results[owner[s]])
-                    generated += int(pos[s])
-                    owner[s] = -1
-                bar.update(len(finished))
-            bar.set_postfix(tokens=generated + int(pos[owner >= 0].sum()), refresh=False)
-        bar.close()
-        live = int(_fetch(st.live_steps))
-        self.stats = {"requests": n, "slots": S, "admit_rows": A, "steps": steps, "generated_tokens": live,
-                      "live_fraction": live / max(1, steps * S), "calls": dict(calls), "pages": pool.history,
-                      "seconds": time.perf_counter() - started}
-        if self.mesh is not None:
-            self.stats["row_axes"] = {"slots": list(st.pos.sharding.spec[0]), "pages": list(st.pages_kv[0][0].sharding.spec[0])}
-        return results
+        return seeds
+
+    def _encode(self, params, ids: list[int], token_lists, max_new_tokens, seeds) -> "_Group":
+        """Encodes requests `ids` (padded to a bucketed length) as one group."""
+        tokens = np.zeros((self.encode_rows, input_bucket(max(len(token_lists[i]) for i in ids))), np.int32)
+        for r, i in enumerate(ids):
+            tokens[r, :len(token_lists[i])] = token_lists[i]
+        cross, mask = self.fns["encode"](params, self._put(tokens))
+        return _Group(ids, tokens.shape[1], cross, mask, [max_new_tokens[i] for i in ids],
+                      seed_key_data([seeds[i] for i in ids]))
+
+
+class _Group:
+    """Requests encoded together, handed to slots as they free."""
+
+    def __init__(self, ids, length, cross, mask, limits, keys):
+        self.ids, self.length, self.cross, self.mask = ids, length, cross, mask
+        self.limits, self.keys = np.asarray(limits, np.int32), keys
+        self.next = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.ids) - self.next
+
+    def __bool__(self) -> bool:
+        return self.left > 0
+
+    def take(self, n: int) -> list[int]:
+        rows = list(range(self.next, self.next + min(n, self.left)))
+        self.next += len(rows)
+        return rows
+
+    def insert(self, engine: "Engine", st: Slots, rows: list[int], slots: np.ndarray) -> Slots:
+        """Puts `rows` of the group into `slots` (at most `admit_rows`, one compiled shape)."""
+        A, k = engine.admit_rows, len(rows)
+        pick = np.zeros(A, np.int32)
+        where = np.full(A, engine.slots, np.int32)  # padding rows: an index past the slots, dropped
+        limit = np.zeros(A, np.int32)
+        keys = np.zeros((A, 2), np.uint32)
+        pick[:k], where[:k], limit[:k], keys[:k] = rows, slots[:k], self.limits[rows], self.keys[rows]
+        put = engine._put
+        return engine.fns["insert"](st, self.cross, self.mask, put(pick), put(where), put(limit), put(keys))
 
 
 def strip_after_eos(ids, eos_id: int) -> list[int]:
