@@ -1,34 +1,26 @@
-"""Jitted decoding with a KV cache: greedy, or sampled (temperature, top-k, top-p).
+"""Decoding entry points: `generate_ids` and `generate_texts`, what every caller uses
+(`tinyllm predict`, evaluation, the local-T5 teacher, the recipes' bulk generation). They run
+on the generation engine (eval/engine.py: continuous batching over slots, greedy or sampled
+with per-request seeds).
 
-The whole loop is one `lax.while_loop` inside one `jax.jit`: the encoder runs once, the
-cross-attention keys and values are projected once, and the loop stops as soon as every
-sequence has emitted EOS. Inputs may carry a batch sharding; XLA propagates it.
+`generate` is the fixed-batch decoder: one `lax.while_loop` inside one `jax.jit` over a
+[B, L] batch; the encoder runs once, the cross-attention keys and values are projected once,
+and the loop stops when every row has emitted EOS. It stays as the simple reference the
+engine is tested against, and for callers that hold one batch.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+from tinyllm_jax.eval.engine import Engine, Sampling, bucket_length, filter_logits, strip_after_eos  # noqa: F401
 from tinyllm_jax.model.t5 import T5, T5Config
-
-
-def _filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
-    if top_k > 0:
-        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
-    if top_p < 1.0:
-        sorted_desc = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
-        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits_BxV = jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
-    return logits_BxV
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,7 +48,7 @@ def _decode_fn(cfg: T5Config, max_new_tokens: int, temperature: float, top_k: in
             logits, cache = model.apply(variables, token, step, cache, cross, enc_mask, bias,
                                         method=T5.decode_step)
             if temperature > 0.0:
-                logits = _filter_logits(logits / temperature, top_k, top_p)
+                logits = filter_logits(logits / temperature, top_k, top_p)
                 nxt = jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1).astype(jnp.int32)
             else:
                 nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -83,51 +75,39 @@ def generate(model_or_cfg: T5 | T5Config, params: Any, encoder_tokens: Any, max_
     return fn(params, jnp.asarray(encoder_tokens, jnp.int32), rng)
 
 
-def bucket_length(n: int, multiple: int = 16) -> int:
-    """Pads lengths to a few shapes so that batches of similar length share one compile."""
-    if n <= 64:
-        return max(multiple, -(-n // multiple) * multiple)
-    return 1 << (n - 1).bit_length()
+def generate_ids(cfg: T5Config, params: Any, token_lists: Sequence[Sequence[int]],
+                 max_new_tokens: int | Sequence[int], batch_size: int = 32, progress: bool = False,
+                 shard_batch: Callable | None = None, *, mesh: Mesh | None = None, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
+                 eos_id: int | None = None, admit_rows: int | None = None,
+                 on_result: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+    """Decodes many inputs through the generation engine (eval/engine.py): `batch_size`
+    slots, each taking the next input as soon as its row stops. Returns each input's
+    generated ids in input order, cut before EOS. `max_new_tokens` is one limit or one a
+    request. Greedy unless `temperature` > 0; sampling needs `seeds`, one integer a request,
+    and a request's output then depends on its input, the settings and its seed only, not
+    on the slot count or the order of the inputs. `mesh` splits the slots over its batch
+    axes; `shard_batch` (a callable placing a [rows, length] array, the older way to name
+    the mesh) is read for the same. `progress` shows a bar of rows and generated tokens;
+    `on_result(i, ids)` is called as each input finishes."""
+    n = len(token_lists)
+    limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, (int, np.integer)) else [int(m) for m in max_new_tokens]
+    row_axes = None
+    if mesh is None and shard_batch is not None:
+        mesh, row_axes = _mesh_of(shard_batch, batch_size)
+    engine = Engine(cfg, min(batch_size, max(1, n)), sampling=Sampling(float(temperature), int(top_k), float(top_p)),
+                    eos_id=eos_id, mesh=mesh, row_axes=row_axes, admit_rows=admit_rows)
+    return engine.generate(params, token_lists, limits, seeds, progress, on_result)
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def generate_ids(cfg: T5Config, params: Any, token_lists: Sequence[Sequence[int]], max_new_tokens: int,
-                 batch_size: int = 32, progress: bool = False, shard_batch: Callable | None = None,
-                 **sampling) -> list[list[int]]:
-    """Decodes many inputs: length-sorted batches padded to bucketed lengths and to a fixed
-    batch size (so shapes repeat), results returned in input order, cut at EOS."""
-    from tqdm.auto import tqdm
-
-    results: list[list[int]] = [[] for _ in token_lists]
-    batches = length_sorted_batches([len(t) for t in token_lists], batch_size)
-    for idx in tqdm(batches, desc="decode", unit="batch", disable=not progress):
-        L = bucket_length(max(len(token_lists[i]) for i in idx))
-        arr = np.zeros((batch_size, L), np.int32)
-        for r, i in enumerate(idx):
-            arr[r, :len(token_lists[i])] = token_lists[i]
-        tokens = shard_batch(arr) if shard_batch is not None else arr
-        out = generate(cfg, params, tokens, max_new_tokens, **sampling)
-        if not out.is_fully_addressable:  # multi-host: every process gets every row
-            from jax.experimental import multihost_utils
-
-            out = multihost_utils.process_allgather(out, tiled=True)
-        out = np.asarray(jax.device_get(out))
-        for r, i in enumerate(idx):
-            results[i] = strip_after_eos(out[r].tolist(), cfg.eos_token_id)
-    return results
-
-
-def strip_after_eos(ids: Iterable[int], eos_id: int) -> list[int]:
-    res = []
-    for t in ids:
-        if t == eos_id:
-            break
-        res.append(int(t))
-    return res
+def _mesh_of(shard_batch: Callable, rows: int) -> tuple[Mesh | None, tuple | None]:
+    """The mesh and row axes a `shard_batch` callable places rows on (None: one device)."""
+    placed = shard_batch(np.zeros((rows, 1), np.int32))
+    sharding = getattr(placed, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or not sharding.spec or sharding.spec[0] is None:
+        return None, None
+    axes = sharding.spec[0]
+    return sharding.mesh, tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
 def generate_texts(cfg: T5Config, params: Any, tokenizer, texts: Sequence[str], max_new_tokens: int,

@@ -11,6 +11,7 @@ process returns the same summary and process 0 writes the files."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -119,8 +120,10 @@ class Evaluation:
     def predict(self, params: Any, split: str, sampling: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """One scored row a record of `split` (id, input, gold, prediction, extracted answer,
         correct), in record order: greedy, or sampled with `sampling` (temperature, top_k,
-        top_p and its PRNG key, as `generate_ids` takes them). Each process decodes its
-        share; every process returns every row."""
+        top_p as `generate_ids` takes them, and `seed`: each record samples from its own
+        seed, derived from this one and the record's id, so a row does not depend on the
+        slot, the batch or the process it was decoded in). Each process decodes its share;
+        every process returns every row."""
         import jax
 
         from tinyllm_jax.eval import scoring
@@ -130,9 +133,13 @@ class Evaluation:
         records, inputs = self._inputs(split)
         p, n_proc = jax.process_index(), jax.process_count()
         mine = range(p, len(inputs), n_proc)  # this process's share
+        sampling = dict(sampling or {})
+        if "seed" in sampling:
+            seed = sampling.pop("seed")
+            sampling["seeds"] = [record_seed(seed, records[i]["id"]) for i in mine]
         ids = generate_ids(self.t5cfg, self._place(params), [inputs[i] for i in mine], self.cfg.eval.max_new_tokens,
                            self.batch_size(), progress=self.cfg.train.progress and p == 0, shard_batch=self._shard(),
-                           **(sampling or {}))
+                           **sampling)
         preds = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         task = self.cfg.eval.task
         part = []
@@ -166,6 +173,12 @@ class Evaluation:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
             (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def record_seed(seed: Any, record_id: Any) -> int:
+    """A record's own sampling seed: a stable 63-bit digest of the run's seed and its id."""
+    digest = hashlib.sha256(f"{seed}\x1f{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def evaluate_command(cfg: Config, checkpoint: str | None = None, split: str = "test") -> dict[str, Any]:

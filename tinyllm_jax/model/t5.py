@@ -87,6 +87,11 @@ def relative_position_buckets(q_len: int, k_len: int, bidirectional: bool, num_b
     """[q_len, k_len] bucket ids, computed once at trace time (shapes are static), in
     float32 exactly as transformers does so that imported checkpoints match."""
     rel = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+    return buckets_of(rel, bidirectional, num_buckets, max_distance)
+
+
+def buckets_of(rel: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bucket ids of relative positions `rel` (key position minus query position)."""
     buckets = np.zeros_like(rel)
     if bidirectional:
         num_buckets //= 2
@@ -159,11 +164,16 @@ class RelativePositionBias(nn.Module):
     bidirectional: bool
 
     @nn.compact
-    def __call__(self, q_len: int, k_len: int) -> Array:
-        """[1, heads, q_len, k_len] additive attention bias."""
+    def __call__(self, q_len: int, k_len: int, by_distance: bool = False) -> Array:
+        """[1, heads, q_len, k_len] additive attention bias. With `by_distance` (the decoder,
+        k_len = 1), [heads, q_len]: the bias of a key d = 0 .. q_len - 1 positions before the query."""
         c = self.cfg
         table = _param(self, "embedding", c.d_model**-0.5, (c.relative_attention_num_buckets, c.num_heads),
                        ("relpos_buckets", "heads"))
+        if by_distance:
+            ids = buckets_of(-np.arange(q_len), self.bidirectional, c.relative_attention_num_buckets,
+                             c.relative_attention_max_distance)
+            return jnp.take(table, jnp.asarray(ids), axis=0).T.astype(jnp.float32)
         ids = relative_position_buckets(q_len, k_len, self.bidirectional,
                                         c.relative_attention_num_buckets, c.relative_attention_max_distance)
         bias_QxKxH = jnp.take(table, jnp.asarray(ids), axis=0)
@@ -238,6 +248,18 @@ class Attention(nn.Module):
     def project_kv(self, x_BxLxD: Array) -> tuple[Array, Array]:
         return self._heads(x_BxLxD, self.k), self._heads(x_BxLxD, self.v)
 
+    def attend(self, x_BxQxD: Array, attend_fn) -> Array:
+        """Attention whose keys and values are held elsewhere: `attend_fn` maps the queries
+        [B, H, Q, K] to the attention outputs [B, H, Q, K] (the generation engine's paged cache)."""
+        B, Q, D = x_BxQxD.shape
+        return self._output(attend_fn(self._heads(x_BxQxD, self.q)), B, Q, D)
+
+    def _output(self, out_BxHxQxK: Array, B: int, Q: int, D: int) -> Array:
+        H, K = out_BxHxQxK.shape[1], out_BxHxQxK.shape[3]
+        out = dense(out_BxHxQxK.transpose(0, 2, 1, 3).reshape(B * Q, H * K),
+                    self.o.reshape(H * K, D).astype(self.cfg.compute_dtype))
+        return out.reshape(B, Q, D)
+
     def __call__(self, x_BxQxD: Array, kv: tuple[Array, Array], mask_BxQxK: Array, bias: Optional[Array]) -> Array:
         dt = self.cfg.compute_dtype
         B, Q, D = x_BxQxD.shape
@@ -249,10 +271,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask_BxQxK[:, None], scores, NEG_INF)
         weights = jax.nn.softmax(scores, axis=-1).astype(dt)
         weights = self.dropout(weights, deterministic=self.deterministic)
-        out_BxHxQxK = jnp.einsum("bhqs,bhsk->bhqk", weights, v_BxHxSxK)
-        H, K = out_BxHxQxK.shape[1], out_BxHxQxK.shape[3]
-        out = dense(out_BxHxQxK.transpose(0, 2, 1, 3).reshape(B * Q, H * K), self.o.reshape(H * K, D).astype(dt))
-        return out.reshape(B, Q, D)
+        return self._output(jnp.einsum("bhqs,bhsk->bhqk", weights, v_BxHxSxK), B, Q, D)
 
 
 class MLP(nn.Module):
@@ -311,15 +330,23 @@ class DecoderBlock(nn.Module):
         return self.cross_attention.project_kv(encoded)
 
     def __call__(self, x, self_mask, bias, cross_kv, cross_mask, cache=None, index=None):
-        """With `cache` ((k, v) of [B, H, max_len, K]) x is one step and `index` its position;
-        returns (x, new_cache)."""
+        """With `cache` x is one step: `cache` is (k, v) of [B, H, max_len, K] and `index` the
+        step's position, or an object with `write(k, v)` (returning the updated cache) and
+        `attend(q)` that keeps each row's keys and values itself (the generation engine's
+        pages; `self_mask`, `bias` and `index` are then unused). Returns (x, new_cache)."""
         det = self.deterministic
         h = self.pre_self_attention_norm(x)
         kv = self.self_attention.project_kv(h)
-        if cache is not None:
-            kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=2) for c, n in zip(cache, kv))
-            cache = kv
-        x = x + self.drop(self.self_attention(h, kv, self_mask, bias), deterministic=det)
+        if hasattr(cache, "attend"):
+            cache = cache.write(*kv)
+            attn = self.self_attention.attend(h, cache.attend)
+        else:
+            if cache is not None:
+                kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=2)
+                           for c, n in zip(cache, kv))
+                cache = kv
+            attn = self.self_attention(h, kv, self_mask, bias)
+        x = x + self.drop(attn, deterministic=det)
         h = self.pre_cross_attention_norm(x)
         x = x + self.drop(self.cross_attention(h, cross_kv, cross_mask, None), deterministic=det)
         h = self.pre_mlp_norm(x)
@@ -428,13 +455,21 @@ class T5(nn.Module):
         """[1, H, max_len, max_len] decoder position bias: computed once per decode, sliced per step."""
         return self.decoder_relpos(max_len, max_len)
 
+    def decoder_bias_by_distance(self, max_len: int) -> Array:
+        """[H, max_len] decoder position bias of a key d positions before the query: for
+        caches that place each row's keys themselves (see DecoderBlock)."""
+        return self.decoder_relpos(max_len, 1, by_distance=True)
+
     def decode_step(self, token_B: Array, index: Array, cache, cross_kv, encoder_mask_BxL: Array, bias_full: Array):
-        """One decoder step at position `index` (scalar): returns (logits [B, V], new cache)."""
-        max_len = cache[0][0].shape[2]
-        k_valid = (jnp.arange(max_len) <= index)[None, None, :]
-        self_mask = jnp.broadcast_to(k_valid, (token_B.shape[0], 1, max_len))
+        """One decoder step at position `index` (scalar): returns (logits [B, V], new cache).
+        With caches that attend themselves (see DecoderBlock) `index` and `bias_full` are unused."""
+        self_mask = bias = None
+        if not hasattr(cache[0], "attend"):
+            max_len = cache[0][0].shape[2]
+            k_valid = (jnp.arange(max_len) <= index)[None, None, :]
+            self_mask = jnp.broadcast_to(k_valid, (token_B.shape[0], 1, max_len))
+            bias = jax.lax.dynamic_slice_in_dim(bias_full, index, 1, axis=2)
         cross_mask = encoder_mask_BxL[:, None, :]
-        bias = jax.lax.dynamic_slice_in_dim(bias_full, index, 1, axis=2)
         x = self.drop(self._embed(token_B[:, None]), deterministic=self.deterministic)
         new_cache = []
         for layer, layer_cache, kv in zip(self.decoder_layers, cache, cross_kv):

@@ -143,7 +143,7 @@ def mine_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None) -
         sampling = {}
         if f.mine_temperature > 0:
             sampling = {"temperature": f.mine_temperature, "top_p": f.mine_top_p,
-                        "rng": jax.random.key(f.seed + int(rd.removeprefix("round")))}
+                        "seed": f"{f.seed}/{rd}"}
         rows = Evaluation(tcfg, model.t5cfg, model.tokenizer, mesh).predict(params, "train", sampling)
         write_jsonl(out / "predictions.jsonl", rows)
         records = {r["id"]: r for r in read_jsonl(common.read_manifest(data)["train"])[0]}

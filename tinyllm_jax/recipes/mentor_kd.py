@@ -208,10 +208,8 @@ def _sample(cfg: RecipeConfig, mentor_dir: Path, splits: dict[str, Path]) -> dic
     params = jax.device_put(mentor.params, sharding.replicated(mesh))
     evaluation = Evaluation(tcfg, mentor.t5cfg, mentor.tokenizer, mesh)
     out: dict[str, list[dict[str, Any]]] = {}
-    base = jax.random.key(m.seed)
     for k in range(m.samples):
-        sampling = {"temperature": m.temperature, "top_k": m.top_k, "top_p": m.top_p,
-                    "rng": jax.random.fold_in(base, k)}
+        sampling = {"temperature": m.temperature, "top_k": m.top_k, "top_p": m.top_p, "seed": f"{m.seed}/{k}"}
         for row in evaluation.predict(params, "train", sampling):
             text = row["prediction"]
             out.setdefault(row["id"], []).append({"sample": k, "text": text, "chain": text.split("-->")[0].strip(),
