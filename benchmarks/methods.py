@@ -223,6 +223,11 @@ def score_stream(run_path: Path, stream: str, max_new_tokens: int = 48) -> float
 def one_run(method: str, budget: str, seed: int, paths: dict[str, Path], plan: dict[str, Any], work: Path,
             tag: str = "") -> dict[str, Any]:
     run_dir = work / "runs" / f"{method}-{budget}{tag}-s{seed}"
+    done = run_dir / "benchmark-result.json"
+    if done.is_file():  # a rerun of the benchmark picks up where it was stopped
+        result = json.loads(done.read_text())
+        print(time.strftime("%H:%M:%S"), "done before:", json.dumps(result), flush=True)
+        return result
     t0 = time.time()
     steps = plan["budgets"]["compute_steps"]
     cfg = recipe(method, seed, steps, paths, plan, run_dir)
@@ -273,6 +278,7 @@ def one_run(method: str, budget: str, seed: int, paths: dict[str, Path], plan: d
         if method in ("tinyllm-both",):
             result["test_accuracy_cot_terse"] = score_stream(student, "terse")
     result["wall_s"] = round(time.time() - t0, 1)
+    done.write_text(json.dumps(result) + "\n")
     print(time.strftime("%H:%M:%S"), json.dumps(result), flush=True)
     return result
 
@@ -394,11 +400,27 @@ def _main(a: argparse.Namespace, plan: dict[str, Any], methods: list[str], work:
                 print(f"{m}: compute {plan['budgets']['compute_steps']} steps; passes "
                       f"{steps_for_epochs(cfg, paths['train'], plan['budgets']['passes_epochs'])} steps")
         return 0
+    date = time.strftime("%Y-%m-%d")
+    kind = "tiny" if a.tiny else "quick" if a.quick else "full"
+    out = Path(a.out) if a.out else RESULTS / f"methods-{kind}-{device_name()}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(runs: list[dict[str, Any]], complete: bool) -> list[dict[str, Any]]:
+        """The result so far (after every run: a stopped benchmark leaves what it measured)."""
+        rows = aggregate(runs)
+        doc = {"date": date, "device": device_name(), "jax": jax.__version__, "load_average": os.getloadavg(),
+               "plan": plan, "methods": methods, "complete": complete, "wall_s": round(time.time() - t0, 1),
+               "rows": rows, "runs": runs}
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        chart(rows, out.with_suffix(".png"), f"{plan['task']} ({date}, {device_name()})")
+        return rows
+
     results = []
     for budget in ("compute", "passes"):
         for m in methods:
             for seed in plan["seeds"]:
                 results.append(one_run(m, budget, seed, paths, plan, work))
+                write(results, complete=False)
     rows = aggregate(results)
     best = max((r for r in rows if r["budget"] == "compute" and r["method"] != "answer-only"),
                key=lambda r: max(r.get("test_accuracy", {}).get("mean", 0), r.get("test_accuracy_cot", {}).get("mean", 0)),
@@ -411,17 +433,10 @@ def _main(a: argparse.Namespace, plan: dict[str, Any], methods: list[str], work:
                 r = one_run(m, "compute", seed, part, plan, work, tag=f"-f{fraction:g}")
                 r["fraction"] = fraction
                 sweep.append(r)
-    rows = aggregate(results + sweep)
-    date = time.strftime("%Y-%m-%d")
-    kind = "tiny" if a.tiny else "quick" if a.quick else "full"
-    out = Path(a.out) if a.out else RESULTS / f"methods-{kind}-{device_name()}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"date": date, "device": device_name(), "jax": jax.__version__, "load_average": os.getloadavg(),
-           "plan": plan, "methods": methods, "wall_s": round(time.time() - t0, 1), "rows": rows, "runs": results + sweep}
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    chart(rows, out.with_suffix(".png"), f"{plan['task']} ({date}, {device_name()})")
+                write(results + sweep, complete=False)
+    rows = write(results + sweep, complete=True)
     print(table(rows))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {doc['wall_s']:.0f} s")
+    print(f"wrote {out} and {out.with_suffix('.png')} in {time.time() - t0:.0f} s")
     return 0
 
 

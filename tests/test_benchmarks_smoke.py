@@ -179,4 +179,9 @@ def test_methods_benchmark_quick_path_writes_its_table_json_and_chart(tmp_path, 
     assert passes[0] > passes[1]  # three streams take more steps to show every answer as often
     assert "test_accuracy_cot" in rows[("tinyllm-both", "compute")] and "each" in rows[("answer-only", "compute")]["test_accuracy"]
     assert doc["plan"]["seeds"] == [0] and out.with_suffix(".png").stat().st_size > 10_000
-    assert "test acc (answer)" in capsys.readouterr().out
+    assert "test acc (answer)" in capsys.readouterr().out and doc["complete"]
+
+    # a second run (as after a stop) reuses every finished run: same figures, nothing retrained
+    assert main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("done before:") == 4
+    assert json.loads(out.read_text())["runs"] == doc["runs"]
