@@ -37,7 +37,8 @@ The design, fixed before any result was looked at (and kept in the JSON as `plan
   Mentor-KD and FAIR run at the compute budget only (changed during the first full run, for
   time alone: a Mentor-KD run takes ~7 min here, its mentor's training and sampling
   included, and both budgets would take the benchmark past two hours; neither has an
-  answer stream whose passes could be matched; `PASSES_METHODS`).
+  answer stream whose passes could be matched; `PASSES_METHODS`; `--methods mentor-kd fair`
+  runs them at both).
 * Evaluation: validation (every 100 steps) selects the checkpoint; the test split is scored
   once. Methods with an answer stream are scored on it (the papers' protocol: `predict:`);
   methods trained on rationales are ALSO scored by decoding their rationale stream and
@@ -423,8 +424,8 @@ def _main(a: argparse.Namespace, plan: dict[str, Any], methods: list[str], work:
     results = []
     for budget in ("compute", "passes"):
         for m in methods:
-            if budget == "passes" and m not in PASSES_METHODS:
-                continue
+            if budget == "passes" and m not in PASSES_METHODS and not a.methods:
+                continue  # named with --methods, they run at both budgets
             for seed in plan["seeds"]:
                 results.append(one_run(m, budget, seed, paths, plan, work))
                 write(results, complete=False)
