@@ -420,6 +420,7 @@ def _main(a: argparse.Namespace, plan: dict[str, Any], methods: list[str], work:
         rows = aggregate(runs)
         doc = {"date": date, "device": device_name(), "jax": jax.__version__, "load_average": os.getloadavg(),
                "plan": plan, "methods": methods, "complete": complete, "wall_s": round(time.time() - t0, 1),
+               "wall_s_runs": round(sum(r["wall_s"] for r in runs), 1),  # a resumed benchmark's total
                "rows": rows, "runs": runs}
         out.write_text(json.dumps(doc, indent=1) + "\n")
         chart(rows, out.with_suffix(".png"), f"{plan['task']} ({date}, {device_name()})")
