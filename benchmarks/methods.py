@@ -1,6 +1,6 @@
 """Does distillation help? Every method on the same task, student and seeds, at two budgets.
 
-    python -m benchmarks.methods              # the full comparison (under an hour on 2 CPU cores)
+    python -m benchmarks.methods              # the full comparison (93 min on 2 CPU cores, 2026-12-02)
     python -m benchmarks.methods --plan       # the steps each run would take; trains nothing
     python -m benchmarks.methods --quick      # one seed, answer-only vs TinyLLM, a couple of minutes
 
