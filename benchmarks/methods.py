@@ -86,6 +86,7 @@ TINY = {**QUICK, "data": {"n_train": 48, "n_valid": 16, "n_test": 16, "seed": 0}
 
 METHODS = ["answer-only", "step-by-step", "tinyllm-careful", "tinyllm-terse", "tinyllm-both", "mentor-kd", "fair"]
 QUICK_METHODS = ["answer-only", "tinyllm-both"]
+CHAIN_ANSWERS = ["mentor-kd", "fair"]  # no answer stream: the student answers through its chain
 SWEEP_CANDIDATES = ["step-by-step", "tinyllm-careful", "tinyllm-terse", "tinyllm-both"]
 PASSES_METHODS = ["answer-only", "step-by-step", "tinyllm-careful", "tinyllm-terse", "tinyllm-both"]
 
@@ -345,8 +346,11 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         names = [r["method"] for r in rs]
         best = [max(r.get("test_accuracy", {}).get("mean", 0), r.get("test_accuracy_cot", {}).get("mean", 0)) for r in rs]
         for i, r in enumerate(rs):
+            chains_only = r["method"] in CHAIN_ANSWERS  # their one figure is read after the chain
             for key, dx, color, label in (("test_accuracy", -0.2, "C0", "answer stream"),
                                           ("test_accuracy_cot", 0.2, "C1", "through its rationale")):
+                if chains_only:
+                    dx, color, label = 0.0, "C1", "through its rationale"
                 if key in r:
                     ax.bar(i + dx, r[key]["mean"], 0.38, yerr=r[key]["std"], color=color, capsize=3,
                            label=label if i == 0 or key not in rs[0] else None)
