@@ -11,7 +11,6 @@ process returns the same summary and process 0 writes the files."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from tinyllm_jax.config import Config, ConfigError
 from tinyllm_jax.errors import UserError
 from tinyllm_jax.model.t5 import T5Config
+from tinyllm_jax.runtime.seeds import stable_seed
 from tinyllm_jax.runtime import sharding
 
 log = logging.getLogger("tinyllm.eval")
@@ -136,7 +136,7 @@ class Evaluation:
         sampling = dict(sampling or {})
         if "seed" in sampling:
             seed = sampling.pop("seed")
-            sampling["seeds"] = [record_seed(seed, records[i]["id"]) for i in mine]
+            sampling["seeds"] = [stable_seed(seed, records[i]["id"]) for i in mine]
         ids = generate_ids(self.t5cfg, self._place(params), [inputs[i] for i in mine], self.cfg.eval.max_new_tokens,
                            self.batch_size(), progress=self.cfg.train.progress and p == 0, shard_batch=self._shard(),
                            **sampling)
@@ -173,12 +173,6 @@ class Evaluation:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
             (out / f"summary-{tag}.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-
-def record_seed(seed: Any, record_id: Any) -> int:
-    """A record's own sampling seed: a stable 63-bit digest of the run's seed and its id."""
-    digest = hashlib.sha256(f"{seed}\x1f{record_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def evaluate_command(cfg: Config, checkpoint: str | None = None, split: str = "test") -> dict[str, Any]:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from tinyllm_jax.config import Config, ConfigError, RationalesConfig, TeacherConfig
 from tinyllm_jax.data.records import read_jsonl, write_jsonl
 from tinyllm_jax.errors import UserError
+from tinyllm_jax.runtime.seeds import stable_seed
 from tinyllm_jax.eval.scoring import extract, get_task, is_correct
 from tinyllm_jax.teachers.backends import Job, OpenAICompatible, RunStats, read_api_key
 from tinyllm_jax.teachers.cache import ResultCache, entry_key
@@ -254,8 +255,7 @@ class _TeacherRun:
                 for i in chosen]
 
     def _job(self, ds: Dataset, rec: dict, sample: int, prompt: str, stage: str, example_ids: list[str]) -> Job:
-        seed = int.from_bytes(hashlib.sha256(f"{self.rc.seed}\x1f{ds.name}\x1f{rec['id']}\x1f{sample}".encode())
-                              .digest()[:4], "big") & 0x7FFFFFFF
+        seed = stable_seed(self.rc.seed, ds.name, rec["id"], sample)
         info = {"dataset": ds.name, "record_id": rec["id"], "teacher": self.teacher.name, "sample": sample,
                 "request_hash": request_hash(prompt, {**self.settings, "seed": seed}), "stage": stage,
                 "examples": example_ids, "seed": seed, "kind": self.template.kind}
