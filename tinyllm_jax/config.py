@@ -134,6 +134,11 @@ class OptimConfig:
     grad_accum_steps: int = 1
     z_loss: float = 0.0
     label_smoothing: float = 0.0
+    # a run that continues another's schedule (FAIR's rounds after the warm-up): the learning
+    # rate of step s is the schedule's at schedule_offset + s, over schedule_steps in all
+    # (None: schedule_offset + train.steps)
+    schedule_offset: int = 0
+    schedule_steps: Optional[int] = None
 
 
 @dataclass
