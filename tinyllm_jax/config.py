@@ -123,6 +123,7 @@ class MeshConfig:
             ["embed", "fsdp"],
             ["vocab", "tensor"],
             ["heads", "tensor"],
+            ["kv_heads", "tensor"],  # a decoder-only model's key/value heads (fewer with grouped queries)
             ["mlp", "tensor"],
             ["kv", None],
             ["length", None],
@@ -205,7 +206,7 @@ class TeacherConfig:
     """One teacher LLM for `tinyllm rationales`: an OpenAI-compatible server or a local T5."""
 
     name: str
-    backend: Literal["openai", "local-t5", "demo"] = "openai"
+    backend: Literal["openai", "local", "local-t5", "demo"] = "openai"  # local: our JAX models (local-t5, its old name)
     # served model name (openai), an HF T5 directory / hub id / run directory (local-t5),
     # or the style of a demo teacher (demo: careful or terse)
     model: str = ""
