@@ -151,3 +151,19 @@ def test_remat_and_bf16_compute(decoder_dir):
     err = np.abs(np.asarray(logits16)[real] - logits32[real])
     assert np.isfinite(err).all() and err.max() < 0.05 * np.abs(logits32[real]).max(), err.max()
     assert (np.asarray(logits16)[real].argmax(-1) == logits32[real].argmax(-1)).mean() > 0.8
+
+
+def test_dropout_when_training_only(decoder_dir):
+    """dropout_rate acts only with deterministic=False, reproducibly in the dropout key."""
+    params, cfg, _ = load_pretrained(str(decoder_dir("llama_gqa")), tokenizer=False)
+    _, ids, seg, _, _ = _packed_batch(np.random.default_rng(4))
+    args = ({"params": params}, jnp.asarray(ids), jnp.asarray(seg))
+    cfg = cfg.replace(dropout_rate=0.2)
+    plain = np.asarray(Decoder(cfg.replace(dropout_rate=0.0)).apply(*args))
+    np.testing.assert_array_equal(np.asarray(Decoder(cfg).apply(*args)), plain)
+    train = Decoder(cfg, deterministic=False)
+    a = np.asarray(train.apply(*args, rngs={"dropout": jax.random.PRNGKey(0)}))
+    b = np.asarray(train.apply(*args, rngs={"dropout": jax.random.PRNGKey(0)}))
+    c = np.asarray(train.apply(*args, rngs={"dropout": jax.random.PRNGKey(1)}))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - plain).max() > 1e-2 and np.abs(a - c).max() > 1e-2
