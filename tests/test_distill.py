@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_t5
+from tinyllm_jax.model.t5 import T5Config
 from tinyllm_jax.config import (
     Config, ConfigError, DataConfig, DistillConfig, EvalConfig, MeshConfig, OptimConfig, StreamConfig, TrainConfig,
 )
@@ -212,14 +213,14 @@ def test_evaluation_answers_through_the_rationale_stream(tmp_path, spm_tokenizer
     path.write_text("".join(json.dumps(r) + "\n" for r in _records()))
     data = DataConfig(validation=[str(path)], streams=[CHAIN])  # no answer stream at all
     cfg = Config(data=data, eval=EvalConfig(stream="chain", task="text"))
-    records, inputs = Evaluation(cfg, None, spm_tokenizer)._inputs("validation")
+    records, inputs = Evaluation(cfg, T5Config(), spm_tokenizer)._inputs("validation")
     assert [r["id"] for r in records] == ["q1", "q2", "q3", "q4"]  # q4 has no chain: still evaluated
     texts = [spm_tokenizer.decode(x.tolist(), skip_special_tokens=True) for x in inputs]
     assert all(t.startswith("explain:") for t in texts), texts
     with pytest.raises(ConfigError, match=r"eval.stream: no stream named 'answer'; data.streams: chain"):
-        Evaluation(dataclasses.replace(cfg, eval=EvalConfig(stream="answer")), None, spm_tokenizer)._inputs("validation")
+        Evaluation(dataclasses.replace(cfg, eval=EvalConfig(stream="answer")), T5Config(), spm_tokenizer)._inputs("validation")
     with pytest.raises(ConfigError, match=r"evaluation needs an answer stream.*or eval.stream"):
-        Evaluation(dataclasses.replace(cfg, eval=EvalConfig()), None, spm_tokenizer)._inputs("validation")
+        Evaluation(dataclasses.replace(cfg, eval=EvalConfig()), T5Config(), spm_tokenizer)._inputs("validation")
 
     # the answer after Mentor-KD's "-->" is the one scored, whatever the chain says before it
     assert scoring.is_correct("number", "3 + 4 = 7 apples, and 11 more: 18 --> 18", "18")

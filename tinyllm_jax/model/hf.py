@@ -175,7 +175,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name_or_path, allow_patterns=[
-            "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+            "config.json", "generation_config.json", "chat_template.jinja", "*.safetensors", "*.safetensors.index.json",
             "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "spiece.model", "special_tokens_map.json"]))
     except Exception as e:  # offline, unknown id, gated repo: all user-facing
         raise ModelLoadError(f"{name_or_path}: not a local directory, and the hub download failed: {e}") from None
