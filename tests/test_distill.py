@@ -79,21 +79,51 @@ def _batches(tok, n, rows=4):
 # --------------------------------------------------------------------------- the teacher
 
 
-def test_teacher_with_another_vocabulary_is_refused(models, tmp_path, spm_tokenizer_dir, spm_tokenizer):
+def test_vocabularies_are_checked_by_content_not_by_row_count(models, tmp_path, spm_tokenizer_dir):
+    """The same tokenizer in more embedding rows (Qwen's padding) is the same vocabulary: the
+    divergence compares the tokenizer's 100 ids. Fewer rows than tokens, another tokenizer
+    of the same size, or rows that differ with nothing to compare them by, are refused."""
     s_cfg, _, tok = _student(models)
     mesh = sharding.make_mesh(MeshConfig())
-    bigger = make_hf_t5(tmp_path / "v120", spm_tokenizer_dir, vocab_size=120)
-    with pytest.raises(UserError, match=rf"distill.teacher={bigger}: the teacher's vocabulary has 120 entries "
-                                        r"but the student's has 100.*must share the student's tokenizer"):
-        load_teacher(_config(bigger), s_cfg, tok, mesh)
+    padded = make_hf_t5(tmp_path / "v120", spm_tokenizer_dir, vocab_size=120)
+    teacher = load_teacher(_config(padded), s_cfg, tok, mesh)
+    assert teacher.t5cfg.vocab_size == 120 and teacher.vocab == len(tok) == 100
+    assert load_teacher(_config(models[1]), s_cfg, tok, mesh).vocab is None  # one size: every row compared
+
+    short = make_hf_t5(tmp_path / "v90", spm_tokenizer_dir, vocab_size=90)
+    with pytest.raises(UserError, match=rf"distill.teacher={short}: the teacher's vocabulary has 90 rows, fewer than "
+                                        r"the 100 tokens of its tokenizer T5Tokenizer"):
+        load_teacher(_config(short), s_cfg, tok, mesh)
 
     from tinyllm_jax.model.tokenizer import train_sentencepiece
 
     other_tok = tmp_path / "other_tok"
     train_sentencepiece(["zebra yak quokka walrus"] * 50 + ["the answer is 42"] * 50, other_tok, vocab_size=40)
     same_size = make_hf_t5(tmp_path / "other", other_tok, vocab_size=100)
-    with pytest.raises(UserError, match=r"the teacher's tokenizer differs from the student's \(token id \d+ is"):
+    with pytest.raises(UserError, match=rf"the teacher's tokenizer T5Tokenizer\('{same_size}'\) is not the student's "
+                                        rf"T5Tokenizer\('{models[0]}'\): token id \d+ is '.*' for the teacher, '.*' for "
+                                        r"the student \(\d+ vs 100 tokens\); distillation across tokenizers "
+                                        r"\(cross-tokenizer KD\) is not supported"):
         load_teacher(_config(same_size), s_cfg, tok, mesh)
+
+    no_tokenizer = make_hf_t5(tmp_path / "bare", None, vocab_size=120)
+    with pytest.raises(UserError, match=r"the teacher's vocabulary has 120 rows but the student's has 100, and the "
+                                        r"teacher has no tokenizer files"):
+        load_teacher(_config(no_tokenizer), s_cfg, tok, mesh)
+
+
+def test_tokenizers_with_the_same_pieces_but_other_special_ids_differ(spm_tokenizer):
+    from tinyllm_jax.train.distill import tokenizer_difference
+
+    class Renamed:  # the same pieces, another end-of-sequence id
+        def get_vocab(self):
+            return spm_tokenizer.get_vocab()
+
+        def __getattr__(self, name):
+            return 2 if name == "eos_token_id" else getattr(spm_tokenizer, name)
+
+    assert tokenizer_difference(spm_tokenizer, spm_tokenizer) is None
+    assert tokenizer_difference(Renamed(), spm_tokenizer) == "eos_token_id is 2 for the teacher, 1 for the student"
 
 
 def test_teacher_is_sharded_by_the_students_rules_and_cast_to_bf16(models):

@@ -73,7 +73,7 @@ def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_
         logits, sums_S = student(params, batch, rng)
         teacher_logits = jax.lax.stop_gradient(
             teacher.apply({"params": teacher_params}, *(batch[k] for k in MODEL_INPUTS)))
-        div = loss_lib.token_divergences(logits, teacher_logits, kd.divergence, kd.temperature, kd.jsd_beta)
+        div = loss_lib.token_divergences(logits, teacher_logits, kd.divergence, kd.temperature, kd.jsd_beta, kd.vocab)
         kd_sums_S = loss_lib.stream_sums(div, batch["decoder_stream_ids"], batch["decoder_segment_ids"] > 0, num_streams)
         total, _ = loss_lib.weighted_loss(sums_S, counts_S, weights)
         total = total + kd.weight * kd.scale * loss_lib.kd_mean(kd_sums_S, counts_S, kd.streams_S())
@@ -170,7 +170,7 @@ class Trainer:
                                 "opt_state": opt_shardings}
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         self.state = jax.device_put(state, self.state_shardings)
-        kd = None if teacher is None else kd_spec(cfg.distill, teacher.t5cfg, self.stream_names)
+        kd = None if teacher is None else kd_spec(cfg.distill, teacher.t5cfg, self.stream_names, teacher.vocab)
         step = make_train_step(t5cfg, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
                                cfg.optim.label_smoothing, cfg.optim.z_loss, cfg.train.prng_impl, kd)
         lead = 1 if cfg.optim.grad_accum_steps > 1 else 0
