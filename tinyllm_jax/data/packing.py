@@ -10,7 +10,9 @@ Segment k (1, 2, ...) of a row's encoder and segment k of its decoder are the sa
 0 is padding everywhere. Positions restart at 0 in each segment. `decoder_input_tokens` is
 the target shifted right within its segment, each segment starting with 0 (T5's decoder
 start token, also the pad id). `decoder_stream_ids` holds the example's stream index;
-the loss mask is `decoder_segment_ids > 0`.
+the loss mask is `decoder_segment_ids > 0`. Examples carrying per-target-token arrays
+(`Examples.target_arrays`: stored soft labels) add each, [B, decoder_length, ...], beside
+`decoder_target_tokens`, zero where no target token is.
 
 The packer is written by hand: seqio's needs TensorFlow and fills rows in arrival order,
 while here each row picks, from a pool of candidates, the examples that keep its two sides
@@ -210,6 +212,8 @@ def rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_size: in
     rows past len(rows) are empty."""
     b = {k: np.zeros((batch_size, encoder_length if k.startswith("encoder") else decoder_length), np.int32)
          for k in BATCH_KEYS}
+    for name, a in examples.target_arrays.items():  # zero where no target token is
+        b[name] = np.zeros((batch_size, decoder_length, *a.shape[1:]), a.dtype)
     counts = np.asarray([len(r) for r in rows], np.int64)
     if not counts.sum():
         return b
@@ -233,6 +237,8 @@ def rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_size: in
             b["decoder_target_tokens"][at] = tokens[src]
             b["decoder_input_tokens"][at] = np.where(pos == 0, 0, tokens[src - 1])  # shift within segment
             b["decoder_stream_ids"][at] = np.repeat(examples.stream_ids[ex], n)
+            for name, a in examples.target_arrays.items():
+                b[name][at] = a[src]
     return b
 
 
