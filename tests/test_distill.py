@@ -87,7 +87,7 @@ def test_vocabularies_are_checked_by_content_not_by_row_count(models, tmp_path, 
     mesh = sharding.make_mesh(MeshConfig())
     padded = make_hf_t5(tmp_path / "v120", spm_tokenizer_dir, vocab_size=120)
     teacher = load_teacher(_config(padded), s_cfg, tok, mesh)
-    assert teacher.t5cfg.vocab_size == 120 and teacher.vocab == len(tok) == 100
+    assert teacher.arch.vocab_size == 120 and teacher.vocab == len(tok) == 100
     assert load_teacher(_config(models[1]), s_cfg, tok, mesh).vocab is None  # one size: every row compared
 
     short = make_hf_t5(tmp_path / "v90", spm_tokenizer_dir, vocab_size=90)
@@ -130,7 +130,7 @@ def test_teacher_is_sharded_by_the_students_rules_and_cast_to_bf16(models):
     s_cfg, _, tok = _student(models)
     cfg = _config(models[1], dtype="bfloat16")
     teacher = load_teacher(cfg, s_cfg, tok, sharding.make_mesh(cfg.mesh))
-    assert teacher.t5cfg.dtype == "bfloat16" and teacher.t5cfg.d_model == 48
+    assert teacher.arch.dtype == "bfloat16" and teacher.arch.d_model == 48
     leaves = jax.tree.leaves(teacher.params)
     assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
     assert jax.tree.structure(teacher.params) == jax.tree.structure(teacher.shardings)

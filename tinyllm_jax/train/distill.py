@@ -51,7 +51,7 @@ class KDSpec:
 class Teacher:
     """The teacher's architecture (its compute dtype set) and its parameters on the mesh."""
 
-    t5cfg: T5Config
+    arch: T5Config
     params: Any
     shardings: Any
     source: str
@@ -81,16 +81,16 @@ def kd_spec(cfg: DistillConfig, teacher_cfg: T5Config, stream_names: Sequence[st
                   tuple(1.0 if n in chosen else 0.0 for n in stream_names), vocab)
 
 
-def place_teacher(t5cfg: T5Config, host_params: Any, mesh: jax.sharding.Mesh, rules, dtype: str = "float32",
+def place_teacher(arch: T5Config, host_params: Any, mesh: jax.sharding.Mesh, rules, dtype: str = "float32",
                   source: str = "", step: int | None = None) -> Teacher:
     """Host parameters -> a Teacher on `mesh`: cast to `dtype`, sharded by the logical
     `rules` exactly as a student of this architecture would be."""
-    t5cfg = t5cfg.replace(dtype=dtype, remat="none")  # forward only: nothing to recompute
+    arch = arch.replace(dtype=dtype, remat="none")  # forward only: nothing to recompute
     dummy = jnp.ones((1, 8), jnp.int32)
-    boxed = jax.eval_shape(lambda k: T5(t5cfg).init(k, dummy, dummy)["params"], jax.random.key(0))
+    boxed = jax.eval_shape(lambda k: T5(arch).init(k, dummy, dummy)["params"], jax.random.key(0))
     shardings = sharding.param_shardings(boxed, mesh, rules)
     cast = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), host_params)
-    return Teacher(t5cfg, jax.device_put(cast, shardings), shardings, source, step)
+    return Teacher(arch, jax.device_put(cast, shardings), shardings, source, step)
 
 
 SPECIAL_IDS = ("pad_token_id", "eos_token_id", "unk_token_id", "bos_token_id")
@@ -166,8 +166,8 @@ def load_teacher(cfg: Config, student_cfg: T5Config, student_tokenizer, mesh: ja
     else:
         model = load_model(src, tokenizer=False)
         tokenizer = _hf_tokenizer_if_any(src)
-    vocab = check_vocabulary(model.t5cfg, tokenizer, student_cfg, student_tokenizer, src)
-    teacher = place_teacher(model.t5cfg, model.params, mesh, sharding.logical_rules(cfg.mesh), cfg.distill.dtype,
+    vocab = check_vocabulary(model.arch, tokenizer, student_cfg, student_tokenizer, src)
+    teacher = place_teacher(model.arch, model.params, mesh, sharding.logical_rules(cfg.mesh), cfg.distill.dtype,
                             src, model.step)
     teacher.vocab = vocab
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(teacher.params))

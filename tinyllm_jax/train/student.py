@@ -41,10 +41,10 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
 
         loaded = load_model(m.init, tokenizer=m.tokenizer is None)
         params, tokenizer = loaded.params, loaded.tokenizer
-        t5cfg = loaded.t5cfg.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
+        arch = loaded.arch.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
     else:
         shared = {f.name: getattr(m, f.name) for f in dataclasses.fields(T5Config) if hasattr(m, f.name)}
-        t5cfg = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
+        arch = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
         tokenizer = None
     if m.tokenizer:
         from tinyllm_jax.model.tokenizer import load_tokenizer
@@ -59,24 +59,25 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
     elif tokenizer is None:
         raise ConfigError("model.tokenizer: required when model.init is not set (an HF tokenizer directory or hub id; "
                           "or model.train_tokenizer_vocab to train one on the training records)")
-    if len(tokenizer) > t5cfg.vocab_size:
-        raise ConfigError(f"model.vocab_size={t5cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    if len(tokenizer) > arch.vocab_size:
+        raise ConfigError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     if write:
         tokenizer.save_pretrained(str(tok_dir))
-        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(t5cfg), indent=2))
-    return t5cfg, tokenizer, params
+        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(arch), indent=2))
+    return arch, tokenizer, params
 
 
 def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
-    from tinyllm_jax.data.demo import DEMO_PHRASES, demo_texts
+    from tinyllm_jax.data.demo import DEMO_PHRASES
     from tinyllm_jax.data.records import read_jsonl
+    from tinyllm_jax.data.streams import tokenizer_corpus
     from tinyllm_jax.model.tokenizer import train_sentencepiece
 
     records, _ = read_jsonl(cfg.data.train[0])
-    extra = [s.prefix for s in cfg.data.streams]
-    if cfg.model.train_tokenizer_vocab:  # a recipe's later stages also train on the demo teachers' feedback
-        extra += list(DEMO_PHRASES)
-    texts = demo_texts(records, extra=extra)
+    extra = list(cfg.model.tokenizer_texts)
+    if cfg.demo or any(r["id"].startswith("demo-") for r in records[:1]):
+        extra += list(DEMO_PHRASES)  # what the demo teachers say in feedback and reviews
+    texts = tokenizer_corpus(records, cfg.data.streams, extra=extra)
     # BPE: on a corpus this small, unigram stops near single characters
     vocab = cfg.model.train_tokenizer_vocab or int(cfg.demo.get("vocab_size", 256))
     return train_sentencepiece(texts, tok_dir, vocab_size=vocab, model_type="bpe")
