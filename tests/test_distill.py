@@ -92,7 +92,7 @@ def test_vocabularies_are_checked_by_content_not_by_row_count(models, tmp_path, 
 
     short = make_hf_t5(tmp_path / "v90", spm_tokenizer_dir, vocab_size=90)
     with pytest.raises(UserError, match=rf"distill.teacher={short}: the teacher's vocabulary has 90 rows, fewer than "
-                                        r"the 100 tokens of its tokenizer T5Tokenizer"):
+                                        r"the 100 tokens of its tokenizer \w+\("):
         load_teacher(_config(short), s_cfg, tok, mesh)
 
     from tinyllm_jax.model.tokenizer import train_sentencepiece
@@ -100,8 +100,8 @@ def test_vocabularies_are_checked_by_content_not_by_row_count(models, tmp_path, 
     other_tok = tmp_path / "other_tok"
     train_sentencepiece(["zebra yak quokka walrus"] * 50 + ["the answer is 42"] * 50, other_tok, vocab_size=40)
     same_size = make_hf_t5(tmp_path / "other", other_tok, vocab_size=100)
-    with pytest.raises(UserError, match=rf"the teacher's tokenizer T5Tokenizer\('{same_size}'\) is not the student's "
-                                        rf"T5Tokenizer\('{models[0]}'\): token id \d+ is '.*' for the teacher, '.*' for "
+    with pytest.raises(UserError, match=rf"the teacher's tokenizer \w+\('{same_size}'\) is not the student's "
+                                        rf"\w+\('{models[0]}'\): token id \d+ is '.*' for the teacher, '.*' for "
                                         r"the student \(\d+ vs 100 tokens\); distillation across tokenizers "
                                         r"\(cross-tokenizer KD\) is not supported"):
         load_teacher(_config(same_size), s_cfg, tok, mesh)
