@@ -115,7 +115,7 @@ def _ours(setup, distill: DistillConfig, weights):
     batch = setup["batch"]
     counts = loss_lib.stream_token_counts(batch, len(names))
     loss_fn = make_loss_fn(setup["s_cfg"], jnp.asarray(weights, jnp.float32), 0.0, 0.0, spec)
-    (total, (_, kd_sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (total, (_, (kd_sums,))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         setup["s_params"], batch, counts, jax.random.key(0), setup["t_params"])
     kd = loss_lib.kd_mean(kd_sums, counts, spec.streams_S())
     return float(total), float(kd), params_to_hf(jax.tree.map(np.asarray, grads), setup["s_cfg"])
@@ -175,7 +175,7 @@ def test_kd_covers_only_the_named_streams_target_tokens(setup):
     both = kd_spec(DistillConfig(teacher="x", weight=1.0, temperature=1.0), setup["t_cfg"], names)
     assert both.streams == (1.0, 1.0)
     loss_fn = make_loss_fn(setup["s_cfg"], jnp.zeros(2), 0.0, 0.0, both)
-    total, (_, kd_sums) = loss_fn(setup["s_params"], batch, counts, jax.random.key(0), setup["t_params"])
+    total, (_, (kd_sums,)) = loss_fn(setup["s_params"], batch, counts, jax.random.key(0), setup["t_params"])
     np.testing.assert_allclose(float(total), float(kd_sums.sum() / counts.sum()), rtol=1e-6)
     for s, spec in enumerate([(1.0, 0.0), (0.0, 1.0)]):
         np.testing.assert_allclose(float(loss_lib.kd_mean(kd_sums, counts, jnp.asarray(spec))),
