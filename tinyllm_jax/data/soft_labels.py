@@ -8,9 +8,9 @@ A shard holds, for each target token of its examples in order, the teacher's top
 (`ids` [T, k], uint16 when the vocabulary fits, else int32), their log-probabilities at
 the teacher's temperature (`log_probs` [T, k], float32 or float16) and the log of the
 probability mass left to every other id (`tail_log_prob` [T], float32; -inf: none), with
-`offsets` [n + 1] cutting the tokens into its n examples. Its metadata names each example
-by identity, "<stream>/<record id>/<sample>", and a digest of its encoder and decoder
-tokens, so that a store used with other data (another tokenizer, a changed record, other
+`offsets` [n + 1] cutting the tokens into its n examples. Its metadata (`examples`) names
+each example by identity, "<stream>/<record id>/<sample>", and a digest of its encoder and
+decoder tokens, so that a store used with other data (another tokenizer, a changed record, other
 lengths) is refused, not silently misaligned.
 
 Why safetensors: a real, documented format any framework reads, one file per shard with
@@ -82,7 +82,9 @@ def write_shard(path: Path, keys: list[str], digests: list[str], offsets: np.nda
 
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: np.ascontiguousarray(arrays[k]) for k in ARRAYS} | {"offsets": np.asarray(offsets, np.int64)}
-    save_file(tensors, str(tmp), metadata={"keys": json.dumps(keys), "digests": json.dumps(digests)})
+    # one metadata entry: safetensors keeps the metadata in a hash map, so several entries
+    # would be written in an order that changes from process to process
+    save_file(tensors, str(tmp), metadata={"examples": json.dumps([[k, d] for k, d in zip(keys, digests)])})
     os.replace(tmp, path)
     return path.stat().st_size
 
@@ -163,7 +165,7 @@ class SoftLabelStore:
         for shard in index["shards"]:
             mapped, meta = _mapped(path / shard["file"])
             offsets = np.asarray(mapped.pop("offsets"))
-            for key, digest, a, b in zip(json.loads(meta["keys"]), json.loads(meta["digests"]), offsets[:-1], offsets[1:]):
+            for (key, digest), a, b in zip(json.loads(meta["examples"]), offsets[:-1], offsets[1:]):
                 where[key] = (digest, at + int(a), int(b - a))
             arrays.append(mapped)
             starts.append(at)
