@@ -26,10 +26,10 @@ from flax import linen as nn
 from tinyllm_jax.config import Config, save_config
 from tinyllm_jax.errors import UserError
 from tinyllm_jax.eval.evaluate import Evaluation
-from tinyllm_jax.model.t5 import T5, T5Config
+from tinyllm_jax.model.family import family_of
 from tinyllm_jax.train import loss as loss_lib
 from tinyllm_jax.train.distill import Distillation, KDSpec, Teacher, kd_spec, load_distillation, teacher_configs
-from tinyllm_jax.train.objective import MODEL_INPUTS, kd_total, make_loss_fn
+from tinyllm_jax.train.objective import kd_total, make_loss_fn
 from tinyllm_jax.runtime import sharding
 from tinyllm_jax.runtime.checkpoint import Checkpointer
 from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device, train_flops_per_step
@@ -45,7 +45,7 @@ class NonFiniteLoss(UserError):
 # --------------------------------------------------------------------------- the step
 
 
-def make_train_step(arch: T5Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def make_train_step(arch: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     weights: np.ndarray, accum_steps: int, seed: int, label_smoothing: float = 0.0,
                     z_loss: float = 0.0, prng_impl: str = "threefry2x32", kd: KDSpec | Sequence[KDSpec] | None = None,
                     chunk_length: int = 0) -> Callable:
@@ -88,7 +88,7 @@ def make_train_step(arch: T5Config, tx: optax.GradientTransformation, schedule: 
         metrics = {
             "loss": total, "stream_loss": means_S, "stream_tokens": counts_S,
             "grad_norm": optax.global_norm(grads), "lr": schedule(step),
-            "real_tokens": jnp.sum(flat["encoder_segment_ids"] > 0) + jnp.sum(flat["decoder_segment_ids"] > 0),
+            "real_tokens": sum(jnp.sum(flat[k] > 0) for k in family_of(arch).real_token_keys),
         }
         if specs:
             metrics["kd_loss"] = kd_values  # each teacher's divergence, before weight and T^2
@@ -105,7 +105,7 @@ class Trainer:
     """The sharded state and the compiled step of one run."""
 
     cfg: Config
-    arch: T5Config
+    arch: Any  # the student's architecture, of either family (model/family.py)
     mesh: jax.sharding.Mesh
     stream_names: list[str]
     state: dict[str, Any] = None
@@ -116,16 +116,14 @@ class Trainer:
     jitted_step: Callable = None  # (state, batch, *online teachers' params) -> (state, metrics)
 
     @classmethod
-    def create(cls, cfg: Config, arch: T5Config, mesh, stream_names, weights, imported_params=None,
+    def create(cls, cfg: Config, arch: Any, mesh, stream_names, weights, imported_params=None,
                teacher: Teacher | Distillation | None = None) -> "Trainer":
         """`teacher`: the teachers of `cfg.distill` (load_distillation), or its one online teacher."""
         if isinstance(teacher, Teacher):
             teacher = Distillation((kd_spec(cfg.distill, teacher.arch, list(stream_names), teacher.vocab),), (teacher,))
         self = cls(cfg, arch, mesh, list(stream_names), distillation=teacher)
         rules = sharding.logical_rules(cfg.mesh)
-        model = T5(arch)
-        dummy = jnp.ones((1, 8), jnp.int32)
-        init = lambda key: model.init(key, dummy, dummy)["params"]  # noqa: E731
+        init = lambda key: family_of(arch).init(arch, key)  # noqa: E731
         boxed = jax.eval_shape(init, jax.random.key(cfg.train.seed))
         self.param_shardings = sharding.param_shardings(boxed, mesh, rules)
         if imported_params is not None:
@@ -168,7 +166,9 @@ class Trainer:
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         a = self.cfg.optim.grad_accum_steps
         stored = [k for k in batch if k.startswith("kd.")]  # stored soft labels (see distill.KDSpec.prefix)
-        batch = {k: batch[k] for k in (*MODEL_INPUTS, "decoder_target_tokens", "decoder_stream_ids", *stored)}
+        keys = (*family_of(self.arch).model_inputs, "decoder_target_tokens", "decoder_stream_ids",
+                "decoder_loss_weights", *stored)
+        batch = {k: batch[k] for k in dict.fromkeys(keys) if k in batch}
         if a > 1:
             batch = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
         return sharding.put_batch(batch, self.mesh, leading=1 if a > 1 else 0)
@@ -283,7 +283,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     is False (the recipes score it in a stage of their own)."""
     from tqdm.auto import tqdm
 
-    from tinyllm_jax.data.packing import PackedIterator, RowShare
+    from tinyllm_jax.data.packing import CAUSAL, PackedIterator, RowShare, layout_of, row_lengths
     from tinyllm_jax.data.streams import examples_for_split, stream_weights
     from tinyllm_jax.model.tokenizer import check_coverage
     from tinyllm_jax.runtime import distributed
@@ -308,21 +308,23 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
 
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp "
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
-    examples = examples_for_split(cfg.data, "train", tokenizer)
+    family = family_of(arch)
+    layout = layout_of(family.layout)
+    examples = examples_for_split(cfg.data, "train", tokenizer, causal=layout is CAUSAL)
     check_coverage(tokenizer, examples)  # a tokenizer that cannot read the data stops here
     # the teachers: online ones on the mesh, stored soft labels riding with their examples' tokens
     distillation, examples = (load_distillation(cfg, arch, tokenizer, mesh, examples)
                               if teacher_configs(cfg.distill) else (None, examples))
     blocks, num_blocks = sharding.process_row_blocks(mesh)  # this process's rows of each batch
-    data = PackedIterator(examples, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length,
+    data = PackedIterator(examples, cfg.train.batch_size, *row_lengths(cfg.data, layout),
                           seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row,
-                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps))
+                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps), layout=layout)
     long_rows = cfg.train.batch_size // data.long_factor
     if long_rows % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
         from tinyllm_jax.config import ConfigError
 
-        raise ConfigError(f"{data.long_examples} training examples are longer than data.encoder_length / "
-                          f"data.decoder_length and train in long batches of train.batch_size / {data.long_factor} "
+        raise ConfigError(f"{data.long_examples} training examples are longer than {' / '.join(dict.fromkeys(layout.length_keys))} "
+                          f"and train in long batches of train.batch_size / {data.long_factor} "
                           f"= {long_rows} rows, which must be divisible by data x fsdp "
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
                           f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
@@ -344,10 +346,11 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     flops_of_shape: dict[tuple[int, int, int], float] = {}  # long batches have more attention FLOPs
 
     def flops(batch: dict[str, Any]) -> float:
-        B, Le = batch["encoder_input_tokens"].shape
-        key = (B * num_blocks // len(blocks), Le, batch["decoder_input_tokens"].shape[1])
+        rows = batch["decoder_input_tokens"].shape[0] * num_blocks // len(blocks)
+        key = (rows, *(batch[k].shape[1] for k in dict.fromkeys(("encoder_input_tokens", "decoder_input_tokens"))
+                       if k in batch))
         if key not in flops_of_shape:
-            flops_of_shape[key] = train_flops_per_step(arch, *key)
+            flops_of_shape[key] = family.flops(arch, *key)
         return flops_of_shape[key]
 
     total = cfg.train.steps
@@ -451,7 +454,7 @@ def _summary_line(result: dict[str, Any], summary: Path, metric: str) -> str:
     return f"trained {result['steps']} steps: {chosen}{tested}; summary: {summary}"
 
 
-def _make_evaluator(cfg: Config, arch: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
+def _make_evaluator(cfg: Config, arch: Any, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
     """params, step, split -> metrics dict (logged), or None when there is nothing to evaluate."""
     from tinyllm_jax.data.sources import has_split
 

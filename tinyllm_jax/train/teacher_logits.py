@@ -29,15 +29,15 @@ import numpy as np
 
 from tinyllm_jax.config import Config, ConfigError, KDTeacherConfig
 from tinyllm_jax.data import soft_labels as store
-from tinyllm_jax.data.packing import RowShare, long_factor, pack_rows, rows_to_batch
+from tinyllm_jax.data.packing import CAUSAL, Layout, RowShare, layout_of, long_factor, pack_rows, row_lengths
 from tinyllm_jax.data.streams import Examples
 from tinyllm_jax.errors import UserError
+from tinyllm_jax.model.family import family_of
 from tinyllm_jax.runtime import sharding
 from tinyllm_jax.train import loss as loss_lib
 from tinyllm_jax.train.distill import (
     Teacher, check_distill, load_online_teacher, teacher_configs, teacher_key, tokenizer_digest,
 )
-from tinyllm_jax.train.objective import MODEL_INPUTS
 
 log = logging.getLogger("tinyllm.logits")
 
@@ -71,12 +71,13 @@ def logits_command(cfg: Config) -> list[dict[str, Any]]:
     if cfg.train.batch_size % sharding.batch_divisor(mesh):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp "
                           f"({sharding.batch_divisor(mesh)})")
-    examples = examples_for_split(cfg.data, "train", tokenizer)
+    layout = layout_of(family_of(arch).layout)
+    examples = examples_for_split(cfg.data, "train", tokenizer, causal=layout is CAUSAL)
     reports = []
     for i, t in todo:
         key = teacher_key(cfg.distill, i)
         teacher = load_online_teacher(t, key, cfg, arch, tokenizer, mesh)
-        reports.append(store_soft_labels(cfg, t, key, teacher, tokenizer, examples, mesh, primary))
+        reports.append(store_soft_labels(cfg, t, key, teacher, tokenizer, examples, mesh, layout, primary))
         del teacher
     for r in reports:
         print(f"logits: teacher {r['teacher']} -> {r['logits']}: {r['examples']} examples, {r['tokens']} target "
@@ -101,7 +102,7 @@ def plan_of(cfg: Config, t: KDTeacherConfig, teacher: Teacher, tokenizer, exampl
         "teacher": t.model, "teacher_step": teacher.step, "top_k": t.top_k, "temperature": float(t.temperature),
         "vocab": int(vocab), "log_probs_dtype": t.logits_dtype, "ids_dtype": store.ids_dtype(vocab).name,
         "tokenizer": tokenizer_digest(tokenizer), "streams": list(chosen), "shard_examples": per,
-        "encoder_length": cfg.data.encoder_length, "decoder_length": cfg.data.decoder_length,
+        "family": family_of(teacher.arch).name,
     }
     plan = {"format": store.FORMAT, "settings": settings, "examples": len(indices), "examples_digest": h.hexdigest(),
             "shards": [store.shard_name(j) for j in range(len(shards))]}
@@ -111,11 +112,12 @@ def plan_of(cfg: Config, t: KDTeacherConfig, teacher: Teacher, tokenizer, exampl
 def soft_label_fn(teacher: Teacher, k: int, temperature: float, vocab: int, chunk_length: int, mesh):
     """A jitted (params, batch) -> (token numbers, top-k ids, log-probs, tail log-prob), every
     output whole on every device (each process then holds the global batch's labels)."""
-    module = teacher_module(teacher.arch)
+    family = family_of(teacher.arch)
+    module = family.module(teacher.arch, True)
     mask_from = vocab if vocab < teacher.arch.vocab_size else None
 
     def fn(params, batch):
-        hidden = module.apply({"params": params}, *(batch[name] for name in MODEL_INPUTS), method="hidden")
+        hidden = module.apply({"params": params}, *(batch[name] for name in family.model_inputs), method="hidden")
 
         def labels(x):
             logits = module.apply({"params": params}, x, method="project")
@@ -129,30 +131,25 @@ def soft_label_fn(teacher: Teacher, k: int, temperature: float, vocab: int, chun
                    out_shardings=sharding.replicated(mesh))
 
 
-def teacher_module(arch):
-    from tinyllm_jax.model.t5 import T5
-
-    return T5(arch, deterministic=True)
-
-
-def shard_batches(cfg: Config, sub: Examples, factor: int):
+def shard_batches(cfg: Config, sub: Examples, layout: Layout, factor: int):
     """Global batches (lists of rows) of one shard's examples, and their row lengths: the
     examples that fit the data's rows, packed, then the longer ones in rows `factor` times
     longer, half as many a batch per doubling (the trainer's long batches)."""
-    Le, Ld, B = cfg.data.encoder_length, cfg.data.decoder_length, cfg.train.batch_size
-    enc, dec = sub.enc_lengths, sub.dec_lengths
-    fits = (enc <= Le) & (dec <= Ld)
+    (La, Lb), B = row_lengths(cfg.data, layout), cfg.train.batch_size
+    sizes = layout.lengths(sub)
+    a, b = sizes.enc_lengths, sizes.dec_lengths
+    fits = (a <= La) & (b <= Lb)
     for mask, f in ((fits, 1), (~fits, factor)):
         if not mask.any():
             continue
-        rows = pack_rows(enc, dec, np.flatnonzero(mask), Le * f, Ld * f, cfg.data.max_segments_per_row)
+        rows = pack_rows(a, b, np.flatnonzero(mask), La * f, Lb * f, cfg.data.max_segments_per_row)
         per = max(1, B // f)
         for j in range(0, len(rows), per):
-            yield rows[j:j + per], per, Le * f, Ld * f
+            yield rows[j:j + per], per, La * f, Lb * f
 
 
 def store_soft_labels(cfg: Config, t: KDTeacherConfig, key: str, teacher: Teacher, tokenizer, examples: Examples,
-                      mesh, primary: bool = True) -> dict[str, Any]:
+                      mesh, layout: Layout, primary: bool = True) -> dict[str, Any]:
     """Runs teacher `t` over the shards `t.logits` lacks and writes them, then the index."""
     from tqdm.auto import tqdm
 
@@ -177,7 +174,7 @@ def store_soft_labels(cfg: Config, t: KDTeacherConfig, key: str, teacher: Teache
              len(shards), len(done), out)
     vocab, k = settings["vocab"], t.top_k
     fn = soft_label_fn(teacher, k, float(t.temperature), vocab, cfg.optim.loss_chunk_length, mesh)
-    factor = long_factor(examples.subset(np.concatenate(shards)), cfg.data.encoder_length, cfg.data.decoder_length)
+    factor = long_factor(layout.lengths(examples.subset(np.concatenate(shards))), *row_lengths(cfg.data, layout))
     blocks, num_blocks = sharding.process_row_blocks(mesh)
     share = RowShare(blocks, num_blocks)
     bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", desc=f"logits {t.name}", dynamic_ncols=True,
@@ -192,10 +189,10 @@ def store_soft_labels(cfg: Config, t: KDTeacherConfig, key: str, teacher: Teache
             ids = np.zeros((n, k), store.ids_dtype(vocab))
             log_probs = np.zeros((n, k), np.dtype(t.logits_dtype))
             tail = np.zeros((n,), np.float32)
-            for rows, per, Le, Ld in shard_batches(cfg, sub, factor):
+            for rows, per, La, Lb in shard_batches(cfg, sub, layout, factor):
                 local = share.rows(rows, per)
-                batch = rows_to_batch(sub, local, len(local), Le, Ld)
-                batch = {name: batch[name] for name in (*MODEL_INPUTS, TOKEN)}
+                batch = layout.batch(sub, local, len(local), La, Lb)
+                batch = {name: batch[name] for name in (*family_of(teacher.arch).model_inputs, TOKEN)}
                 token, top_ids, top_lp, top_tail = jax.device_get(
                     fn(teacher.params, sharding.put_batch(batch, mesh)))
                 at = token > 0
