@@ -207,10 +207,10 @@ def check_vocabulary(teacher_cfg: T5Config, teacher_tokenizer, student_cfg: T5Co
                 "student's tokenizer (save it beside the teacher's weights)")
         log.warning("%s: no tokenizer to compare with the student's; only the vocabulary sizes were checked", where)
         return None
-    if teacher_cfg.decoder_start_token_id != student_cfg.decoder_start_token_id:
-        raise UserError(f"{where}: the teacher's decoder starts with token {teacher_cfg.decoder_start_token_id}, "
-                        f"the student's with {student_cfg.decoder_start_token_id}; the teacher reads the student's "
-                        "decoder inputs, so the two must agree")
+    t_start, s_start = (getattr(c, "decoder_start_token_id", None) for c in (teacher_cfg, student_cfg))
+    if t_start != s_start:  # an encoder-decoder's first decoder input
+        raise UserError(f"{where}: the teacher's decoder starts with token {t_start}, the student's with {s_start}; "
+                        "the teacher reads the student's decoder inputs, so the two must agree")
     differs = tokenizer_difference(teacher_tokenizer, student_tokenizer)
     if differs:
         raise UserError(
