@@ -182,13 +182,16 @@ def test_a_store_for_other_data_or_settings_is_refused(tmp_path, tok_dir, teache
         attach("distill.teachers=[{name: big, logits: " + str(tmp_path / "nowhere") + "}]")
 
 
-@pytest.mark.parametrize("chunk", [0, 8])
-def test_training_on_labels_stored_at_k_the_vocabulary_gives_the_online_losses(tmp_path, tok_dir, teacher_dir, chunk):
+@pytest.mark.parametrize("chunk,accum", [(0, 1), (8, 1), (8, 2)])
+def test_training_on_labels_stored_at_k_the_vocabulary_gives_the_online_losses(tmp_path, tok_dir, teacher_dir, chunk,
+                                                                               accum):
     """k = 128 = the vocabulary: every step's loss and KD term equal the online teacher's
-    (1e-5), with the whole sequence projected at once or 8 positions at a time."""
+    (1e-5), with the whole sequence projected at once or 8 positions at a time, and with the
+    stored labels split over 2 accumulated microbatches."""
     stored = tmp_path / "top128"
     online = {"name": "big", "model": str(teacher_dir), "temperature": 2.0, "divergence": "jsd", "weight": 0.5}
-    chunking = {"optim": {"learning_rate": 1e-3, "warmup_steps": 2, "loss_chunk_length": chunk}}
+    chunking = {"optim": {"learning_rate": 1e-3, "warmup_steps": 2, "loss_chunk_length": chunk,
+                          "grad_accum_steps": accum}}
     assert main(["logits", str(_config(tmp_path / "s.yaml", tmp_path / "s", tok_dir,
                                        [{**online, "logits": str(stored), "top_k": 128}], **chunking))]) == 0
     assert main(["train", str(_config(tmp_path / "s.yaml", tmp_path / "s", tok_dir,
