@@ -71,34 +71,40 @@ def measure(arch_s, params_s, arch_t, params_t, batches, temperatures=(1.0, 2.0)
     family = family_of(arch_s)
     student, teacher = family.module(arch_s, True), family_of(arch_t).module(arch_t, True)
     vocab = arch_s.vocab_size
-    teacher_logits = [teacher.apply({"params": params_t}, *(b[k] for k in family.model_inputs)) for b in batches]
+    inputs = [[b[k] for k in family.model_inputs] for b in batches]
+    masks = [(b["decoder_segment_ids"] > 0).astype(jnp.float32) for b in batches]
+    forward = jax.jit(lambda p, x: teacher.apply({"params": p}, *x))
+    teacher_logits = [forward(params_t, x) for x in inputs]
 
-    def kd_of(term):
-        def mean_kd(p):
+    def kd_of(term, labels):
+        """The token-mean term and its gradient; `labels` (per batch: the teacher's logits or
+        its top k) are arguments, so that nothing is folded into the compiled program."""
+        def mean_kd(p, labels):
             total, n = 0.0, 0.0
-            for b, t_logits in zip(batches, teacher_logits):
-                s_logits = student.apply({"params": p}, *(b[k] for k in family.model_inputs))
-                mask = (b["decoder_segment_ids"] > 0).astype(jnp.float32)
-                total = total + jnp.sum(term(s_logits, t_logits) * mask)
+            for x, mask, lab in zip(inputs, masks, labels):
+                s_logits = student.apply({"params": p}, *x)
+                total = total + jnp.sum(term(s_logits, *lab) * mask)
                 n = n + jnp.sum(mask)
             return total / n
 
-        value, grad = jax.jit(jax.value_and_grad(mean_kd))(params_s)
+        value, grad = jax.jit(jax.value_and_grad(mean_kd))(params_s, labels)
         return float(value), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad)])
 
     rows = []
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
         for T in temperatures if divergence == "forward_kl" else (2.0,):
-            online, g_online = kd_of(lambda s, t: loss_lib.token_divergences(s, t, divergence, T))
+            online, g_online = kd_of(lambda s, t: loss_lib.token_divergences(s, t, divergence, T),
+                                     [(t,) for t in teacher_logits])
             for k in (*KS, vocab):
-                mass = float(np.mean([float(jnp.sum(jnp.exp(loss_lib.topk_soft_labels(t, k, T)[1]), -1).mean())
-                                      for t in teacher_logits]))  # the teacher's mass in its top k, all positions
+                top = jax.jit(lambda t, k=k: loss_lib.topk_soft_labels(t, k, T))
+                stored = [top(t) for t in teacher_logits]
+                mass = float(np.mean([float(jnp.exp(lp).sum(-1).mean()) for _, lp, _ in stored]))  # all positions
                 treatments = {"ours": lambda s, ids, lp, tail: loss_lib.topk_divergences(s, ids, lp, tail, divergence, T)}
                 if divergence == "forward_kl":
                     treatments["renormalise"] = lambda s, ids, lp, tail: _renormalised(s, ids, lp, T)
                     treatments["drop_tail"] = lambda s, ids, lp, tail: _drop_tail(s, ids, lp, T)
                 for name, fn in treatments.items():
-                    value, g = kd_of(lambda s, t, fn=fn, k=k: fn(s, *loss_lib.topk_soft_labels(t, k, T)))
+                    value, g = kd_of(fn, stored)
                     rows.append({"divergence": divergence, "temperature": T, "k": k, "treatment": name,
                                  "online": online, "stored": value, "relative_difference": (value - online) / online,
                                  "gradient_cosine": float(g @ g_online / (np.linalg.norm(g) * np.linalg.norm(g_online))),
