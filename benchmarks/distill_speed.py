@@ -4,6 +4,7 @@ whole-sequence and the chunked vocabulary loss; tokens/s and the compiled step's
 
     python -m benchmarks.distill_speed            # t5-cpu-small at a 32k vocabulary, ~15 minutes on 2 CPU cores
     python -m benchmarks.distill_speed --quick    # the same code path at toy size (the smoke test)
+    python -m benchmarks.distill_speed --memory   # compile-only peak memory: more rows, a 152k-vocabulary decoder
     python -m benchmarks.distill_speed --arch t5-base --dtype bfloat16 --rows 64   # a GPU
 
 Writes benchmarks/results/distill-<device>-<date>[-quick].json. A teacher is the student's
@@ -375,6 +376,79 @@ def run(*, quick: bool = False, arch_name: str | None = None, dtype: str = "floa
     return results
 
 
+def compiled_memory(*, quick: bool = False, log=print) -> dict[str, Any]:
+    """Compile-only (nothing runs): the step's peak memory, whole and chunked, where the
+    vocabulary dominates: the T5 student at a 32k vocabulary with more rows a step (alone and
+    with the online 2x teacher), and a decoder-only student at Qwen2's 151,936-token
+    vocabulary (alone and with stored top-64 labels)."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+
+    from benchmarks.run import ARCHS
+    from tinyllm_jax.config import Config, DataConfig, DistillConfig, KDTeacherConfig, MeshConfig, OptimConfig, StreamConfig, TrainConfig
+    from tinyllm_jax.model.decoder import DecoderConfig
+    from tinyllm_jax.model.family import family_of
+    from tinyllm_jax.runtime import sharding
+    from tinyllm_jax.train.distill import Distillation, kd_spec, place_teacher
+    from tinyllm_jax.train.loop import Trainer
+
+    mesh = sharding.make_mesh(MeshConfig())
+    names = ["chain"]
+    stream = StreamConfig("chain", "", 0.7)
+    t = KDTeacherConfig(name="teacher", weight=0.3, temperature=2.0)
+    vocab_t5, vocab_dec = (512, 2048) if quick else (32128, 151936)
+    k, chunk = (16, 16) if quick else (64, 16)
+
+    def zeros(arch):
+        return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                            nn.unbox(jax.eval_shape(lambda key: family_of(arch).init(arch, key), jax.random.key(0))))
+
+    def peak(arch, rows, lengths, distillation, chunk_length):
+        cfg = Config(data=DataConfig(streams=[stream]), mesh=MeshConfig(),
+                     optim=OptimConfig(learning_rate=5e-5, clip_norm=1.0, loss_chunk_length=chunk_length),
+                     train=TrainConfig(steps=100, batch_size=rows, progress=False), distill=DistillConfig())
+        tr = Trainer.create(cfg, arch, mesh, names, np.asarray([0.7], np.float32), zeros(arch), distillation)
+        keys = family_of(arch).model_inputs + ("decoder_target_tokens", "decoder_stream_ids")
+        batch = {key: np.ones((rows, lengths[0] if key.startswith("encoder") else lengths[1]), np.int32) for key in keys}
+        batch["decoder_stream_ids"][:] = 0
+        if family_of(arch).name == "decoder":
+            batch["decoder_loss_weights"] = np.ones((rows, lengths[1]), np.int32)
+        if distillation is not None and distillation.specs[0].stored:
+            batch |= {"kd.teacher.ids": np.zeros((rows, lengths[1], k), np.int32 if vocab_dec > 65536 else np.uint16),
+                      "kd.teacher.log_probs": np.zeros((rows, lengths[1], k), np.float32),
+                      "kd.teacher.tail_log_prob": np.zeros((rows, lengths[1]), np.float32)}
+        teachers = () if distillation is None else distillation.params()
+        return _memory(tr.jitted_step.lower(tr.state, tr.put(batch), *teachers).compile())
+
+    out: dict[str, Any] = {"loss_chunk_length": chunk}
+    s_arch = ARCHS["t5-tiny" if quick else "t5-cpu-small"]
+    s_cfg = _t5cfg(s_arch, vocab_t5)
+    t_arch, _, _ = teacher_arch(s_arch, vocab_t5, 2.0)
+    teacher = place_teacher(_t5cfg(t_arch, vocab_t5), zeros(_t5cfg(t_arch, vocab_t5)), mesh,
+                            sharding.logical_rules(MeshConfig()), "float32", "zeros 2x")
+    online = Distillation((kd_spec(t, teacher.arch, names),), (teacher,))
+    for rows in ((4,) if quick else (8, 32)):
+        for side, distillation in (("student_step", None), ("kd_online_2x", online)):
+            for c in (0, chunk):
+                name = f"t5_{vocab_t5}_{rows}rows_{side}{'_chunked' if c else ''}"
+                log(f"[distill memory] {name}")
+                out[name] = peak(s_cfg, rows, (192, 128), distillation, c)
+    dec = DecoderConfig(vocab_size=vocab_dec, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, model_type="qwen2", attention_bias=True,
+                        tie_word_embeddings=True)
+    stored = Distillation((kd_spec(t, None, names),), (None,))
+    for side, distillation in (("student_step", None), (f"kd_stored_top{k}", stored)):
+        for c in (0, chunk):
+            name = f"decoder_{vocab_dec}_8rows_{side}{'_chunked' if c else ''}"
+            log(f"[distill memory] {name}")
+            out[name] = peak(dec, 8, (256, 256), distillation, c)
+    out["ratios"] = {name: out[f"{name}_chunked"]["peak_bytes"] / out[name]["peak_bytes"]
+                     for name in list(out) if isinstance(out[name], dict) and f"{name}_chunked" in out}
+    out["decoder"] = dataclasses.asdict(dec)
+    return out
+
+
 def table(r: dict[str, Any]) -> str:
     mib = 2 ** 20
     t2, t4 = r["teachers"]["2x"], r["teachers"]["4x"]
@@ -407,7 +481,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, help="the models' vocabulary size (default 32128; --quick: 512)")
     ap.add_argument("--rows", type=int, help="packed rows a step (default 8; --quick: 4)")
     ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON results")
+    ap.add_argument("--memory", action="store_true",
+                    help="only the compile-only memory section (more rows, a 152k-vocabulary decoder student)")
     args = ap.parse_args(argv)
+    if args.memory:
+        from benchmarks.run import device_slug
+
+        mem = compiled_memory(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+        path = Path(args.out) / f"distill-memory-{device_slug()}-{datetime.date.today().isoformat()}" \
+                                f"{'-quick' if args.quick else ''}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mem, indent=2) + "\n", encoding="utf-8")
+        for name, ratio in mem["ratios"].items():
+            print(f"{name:44} peak {mem[name]['peak_bytes'] / 2**20:9.1f} MiB, chunked "
+                  f"{mem[name + '_chunked']['peak_bytes'] / 2**20:9.1f} MiB: x{ratio:.3f}")
+        print(f"\nwrote {path}")
+        return 0
     results = run(quick=args.quick, arch_name=args.arch, dtype=args.dtype, vocab=args.vocab, rows=args.rows,
                   out_dir=Path(args.out),
                   log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -192,3 +192,17 @@ def test_methods_benchmark_tiny_path_writes_its_table_json_and_chart(tmp_path, c
     assert main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("done before:") >= len(ARMS)
     assert json.loads(out.read_text())["runs"] == doc["runs"]
+
+
+def test_distill_benchmark_memory_section_compiles_whole_and_chunked_steps(tmp_path):
+    """benchmarks/distill_speed.py --memory --quick: compile-only peak memory of each step whole
+    and chunked (T5 alone and with an online teacher, a decoder-only student alone and with
+    stored labels); chunking never costs memory."""
+    from benchmarks.distill_speed import main
+
+    assert main(["--memory", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("distill-memory-*-quick.json")
+    r = json.loads(path.read_text())
+    assert set(r["ratios"]) == {"t5_512_4rows_student_step", "t5_512_4rows_kd_online_2x",
+                                "decoder_2048_8rows_student_step", "decoder_2048_8rows_kd_stored_top16"}
+    assert all(0 < ratio <= 1.0 for ratio in r["ratios"].values())
