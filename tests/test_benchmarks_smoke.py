@@ -140,9 +140,10 @@ def test_student_without_torch_is_an_untied_v1_1_checkpoint(tmp_path):
     assert param_count(params) == n
 
 
-def test_distill_benchmark_quick_times_the_fused_step_and_its_parts(tmp_path):
-    """benchmarks/distill_speed.py --quick: every side timed, memory of each compiled step, a
-    teacher about twice the student, the JSON named by device and date."""
+def test_distill_benchmark_quick_times_online_stored_and_chunked_steps(tmp_path):
+    """benchmarks/distill_speed.py --quick: every side timed (online teachers 2x and 4x the
+    student, stored top-k, each whole and chunked), memory of each compiled step, the goals'
+    ratios, the JSON named by device and date."""
     from benchmarks.distill_speed import main
     from benchmarks.run import device_slug
 
@@ -150,18 +151,19 @@ def test_distill_benchmark_quick_times_the_fused_step_and_its_parts(tmp_path):
     (path,) = tmp_path.glob("distill-*-quick.json")
     assert path.name == f"distill-{device_slug()}-{datetime.date.today().isoformat()}-quick.json"
     r = json.loads(path.read_text())
-    sides = {"student_step", "kd_step_float32_teacher", "kd_step_bfloat16_teacher",
-             "teacher_forward_float32", "teacher_forward_bfloat16"}
+    whole = {"student_step", "kd_online_2x", "kd_online_4x", "kd_stored_top16"}
+    sides = whole | {f"{s}_chunked" for s in whole} | {"teacher_forward_2x"}
     assert set(r["step_time_s"]) == set(r["memory"]) == sides
     assert all(t > 0 for t in r["step_time_s"].values())
-    assert 1.5 < r["teacher"]["params_ratio"] < 2.5 and r["teacher"]["vocab_size"] == r["student"]["vocab_size"]
+    assert 1.5 < r["teachers"]["2x"]["params_ratio"] < 2.5 and 3.0 < r["teachers"]["4x"]["params_ratio"] < 5.0
     mem = r["memory"]
-    # the teacher's parameters are arguments of the KD step; bf16 ones take half the bytes
-    t32 = mem["kd_step_float32_teacher"]["argument_size_in_bytes"] - mem["student_step"]["argument_size_in_bytes"]
-    t16 = mem["kd_step_bfloat16_teacher"]["argument_size_in_bytes"] - mem["student_step"]["argument_size_in_bytes"]
-    assert t32 == 4 * r["teacher"]["params"] and t16 == 2 * r["teacher"]["params"]
-    for d in ("float32", "bfloat16"):
-        assert r[f"ratio_kd_step_to_parts_{d}"] > 0 and r[f"peak_memory_ratio_{d}_teacher"] > 1
+    # an online teacher's fp32 parameters are arguments of its KD step; stored labels are not parameters
+    extra = mem["kd_online_2x"]["argument_size_in_bytes"] - mem["student_step"]["argument_size_in_bytes"]
+    assert extra >= 4 * r["teachers"]["2x"]["params"]
+    assert mem["kd_stored_top16"]["argument_size_in_bytes"] < mem["kd_online_2x"]["argument_size_in_bytes"]
+    assert r["stored_labels"]["array_bytes_per_token"] == 16 * (2 + 4) + 4
+    for goal in r["goals"].values():
+        assert goal["figure"] > 0 and goal["met"] == (goal["figure"] <= 0.5 if goal["goal"] == 0.5 else goal["figure"] >= 1.5)
 
 
 def test_methods_benchmark_tiny_path_writes_its_table_json_and_chart(tmp_path, capsys):
@@ -190,3 +192,17 @@ def test_methods_benchmark_tiny_path_writes_its_table_json_and_chart(tmp_path, c
     assert main(["--tiny", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("done before:") >= len(ARMS)
     assert json.loads(out.read_text())["runs"] == doc["runs"]
+
+
+def test_distill_benchmark_memory_section_compiles_whole_and_chunked_steps(tmp_path):
+    """benchmarks/distill_speed.py --memory --quick: compile-only peak memory of each step whole
+    and chunked (T5 alone and with an online teacher, a decoder-only student alone and with
+    stored labels); chunking never costs memory."""
+    from benchmarks.distill_speed import main
+
+    assert main(["--memory", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("distill-memory-*-quick.json")
+    r = json.loads(path.read_text())
+    assert set(r["ratios"]) == {"t5_512_4rows_student_step", "t5_512_4rows_kd_online_2x",
+                                "decoder_2048_8rows_student_step", "decoder_2048_8rows_kd_stored_top16"}
+    assert all(0 < ratio <= 1.0 for ratio in r["ratios"].values())

@@ -80,21 +80,51 @@ def _batches(tok, n, rows=4):
 # --------------------------------------------------------------------------- the teacher
 
 
-def test_teacher_with_another_vocabulary_is_refused(models, tmp_path, spm_tokenizer_dir, spm_tokenizer):
+def test_vocabularies_are_checked_by_content_not_by_row_count(models, tmp_path, spm_tokenizer_dir):
+    """The same tokenizer in more embedding rows (Qwen's padding) is the same vocabulary: the
+    divergence compares the tokenizer's 100 ids. Fewer rows than tokens, another tokenizer
+    of the same size, or rows that differ with nothing to compare them by, are refused."""
     s_cfg, _, tok = _student(models)
     mesh = sharding.make_mesh(MeshConfig())
-    bigger = make_hf_t5(tmp_path / "v120", spm_tokenizer_dir, vocab_size=120)
-    with pytest.raises(UserError, match=rf"distill.teacher={bigger}: the teacher's vocabulary has 120 entries "
-                                        r"but the student's has 100.*must share the student's tokenizer"):
-        load_teacher(_config(bigger), s_cfg, tok, mesh)
+    padded = make_hf_t5(tmp_path / "v120", spm_tokenizer_dir, vocab_size=120)
+    teacher = load_teacher(_config(padded), s_cfg, tok, mesh)
+    assert teacher.arch.vocab_size == 120 and teacher.vocab == len(tok) == 100
+    assert load_teacher(_config(models[1]), s_cfg, tok, mesh).vocab is None  # one size: every row compared
+
+    short = make_hf_t5(tmp_path / "v90", spm_tokenizer_dir, vocab_size=90)
+    with pytest.raises(UserError, match=rf"distill.teacher={short}: the teacher's vocabulary has 90 rows, fewer than "
+                                        r"the 100 tokens of its tokenizer \w+\("):
+        load_teacher(_config(short), s_cfg, tok, mesh)
 
     from tinyllm_jax.model.tokenizer import train_sentencepiece
 
     other_tok = tmp_path / "other_tok"
     train_sentencepiece(["zebra yak quokka walrus"] * 50 + ["the answer is 42"] * 50, other_tok, vocab_size=40)
     same_size = make_hf_t5(tmp_path / "other", other_tok, vocab_size=100)
-    with pytest.raises(UserError, match=r"the teacher's tokenizer differs from the student's \(token id \d+ is"):
+    with pytest.raises(UserError, match=rf"the teacher's tokenizer \w+\('{same_size}'\) is not the student's "
+                                        rf"\w+\('{models[0]}'\): token id \d+ is '.*' for the teacher, '.*' for "
+                                        r"the student \(\d+ vs 100 tokens\); distillation across tokenizers "
+                                        r"\(cross-tokenizer KD\) is not supported"):
         load_teacher(_config(same_size), s_cfg, tok, mesh)
+
+    no_tokenizer = make_hf_t5(tmp_path / "bare", None, vocab_size=120)
+    with pytest.raises(UserError, match=r"the teacher's vocabulary has 120 rows but the student's has 100, and the "
+                                        r"teacher has no tokenizer files"):
+        load_teacher(_config(no_tokenizer), s_cfg, tok, mesh)
+
+
+def test_tokenizers_with_the_same_pieces_but_other_special_ids_differ(spm_tokenizer):
+    from tinyllm_jax.train.distill import tokenizer_difference
+
+    class Renamed:  # the same pieces, another end-of-sequence id
+        def get_vocab(self):
+            return spm_tokenizer.get_vocab()
+
+        def __getattr__(self, name):
+            return 2 if name == "eos_token_id" else getattr(spm_tokenizer, name)
+
+    assert tokenizer_difference(spm_tokenizer, spm_tokenizer) is None
+    assert tokenizer_difference(Renamed(), spm_tokenizer) == "eos_token_id is 2 for the teacher, 1 for the student"
 
 
 def test_teacher_is_sharded_by_the_students_rules_and_cast_to_bf16(models):
@@ -142,7 +172,7 @@ def test_teacher_stays_bitwise_frozen_and_has_no_optimizer_state(models):
         warnings.simplefilter("always")
         for batch in _batches(tok, 3):
             trainer.state, metrics = trainer.step_fn(trainer.state, trainer.put(batch))
-            kd.append(float(metrics["kd_loss"]))
+            kd.append(float(metrics["kd_loss"][0]))
     # only the state is donated: a donated teacher draws "Some donated buffers were not usable"
     assert not [w for w in caught if "donat" in str(w.message)], [str(w.message)[:80] for w in caught]
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(trainer.teacher.params)):
@@ -162,7 +192,7 @@ def test_kd_under_gradient_accumulation_equals_one_batch(models):
         teacher = load_teacher(cfg, s_cfg, tok, sharding.make_mesh(cfg.mesh))
         trainer = _trainer(cfg, s_cfg, s_params, teacher)
         trainer.state, m = trainer.step_fn(trainer.state, trainer.put(batch))
-        out[accum] = (float(m["loss"]), float(m["kd_loss"]), float(m["grad_norm"]))
+        out[accum] = (float(m["loss"]), float(m["kd_loss"][0]), float(m["grad_norm"]))
     np.testing.assert_allclose(out[2], out[1], rtol=1e-5)
     assert out[1][1] > 0
 
@@ -175,7 +205,7 @@ def test_bf16_teacher_gives_nearly_the_fp32_kd_term(models):
         cfg = _config(models[1], dtype=dtype)
         trainer = _trainer(cfg, s_cfg, s_params, load_teacher(cfg, s_cfg, tok, sharding.make_mesh(cfg.mesh)))
         _, m = trainer.step_fn(trainer.state, trainer.put(batch))
-        kd[dtype] = float(m["kd_loss"])
+        kd[dtype] = float(m["kd_loss"][0])
     assert kd["float32"] > 0 and kd["bfloat16"] != kd["float32"]
     np.testing.assert_allclose(kd["bfloat16"], kd["float32"], rtol=3e-2)
 

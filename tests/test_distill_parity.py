@@ -1,6 +1,7 @@
 """The KD term of the packed train step and its gradient against a PyTorch reference: a
 larger transformers T5 teacher and a T5 student run on padded batches of the KD stream's
-examples, the divergence taken over the real target tokens (labels != -100) only."""
+examples, the divergence taken over the real target tokens (labels != -100) only; and two
+teachers at once, each with its streams, weight, temperature and divergence, chunked or not."""
 
 from __future__ import annotations
 
@@ -56,10 +57,17 @@ def setup(tmp_path_factory, spm_tokenizer_dir):
     batch = next(it)
     assert sum(len(set(r[r > 0].tolist())) for r in batch["decoder_segment_ids"]) == len(examples)  # all here
     assert (batch["decoder_segment_ids"].max(axis=1) > 1).any()  # and rows are really packed
+    # a second teacher: the student's layout, wider, with 28 padding rows beyond the tokenizer's 100
+    u_dir = make_hf_t5(tmp_path_factory.mktemp("kd_teacher2"), spm_tokenizer_dir, seed=9, vocab_size=128,
+                       d_model=40, d_kv=10, d_ff=80, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                       tie_word_embeddings=False)
+    _, u_params, _, u_cfg = load_pretrained(str(u_dir))
     student = T5ForConditionalGeneration.from_pretrained(s_dir).train()  # dropout_rate is 0
     teacher = T5ForConditionalGeneration.from_pretrained(t_dir).eval()
-    return dict(s_cfg=s_cfg, s_params=s_params, t_cfg=t_cfg, t_params=t_params, examples=examples,
-                batch={k: jnp.asarray(v) for k, v in batch.items()}, student=student, teacher=teacher)
+    teacher2 = T5ForConditionalGeneration.from_pretrained(u_dir).eval()
+    return dict(s_cfg=s_cfg, s_params=s_params, t_cfg=t_cfg, t_params=t_params, u_cfg=u_cfg, u_params=u_params,
+                examples=examples, batch={k: jnp.asarray(v) for k, v in batch.items()}, student=student,
+                teacher=teacher, teacher2=teacher2)
 
 
 def _padded(examples, stream: int):
@@ -115,7 +123,7 @@ def _ours(setup, distill: DistillConfig, weights):
     batch = setup["batch"]
     counts = loss_lib.stream_token_counts(batch, len(names))
     loss_fn = make_loss_fn(setup["s_cfg"], jnp.asarray(weights, jnp.float32), 0.0, 0.0, spec)
-    (total, (_, kd_sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (total, (_, (kd_sums,))), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         setup["s_params"], batch, counts, jax.random.key(0), setup["t_params"])
     kd = loss_lib.kd_mean(kd_sums, counts, spec.streams_S())
     return float(total), float(kd), params_to_hf(jax.tree.map(np.asarray, grads), setup["s_cfg"])
@@ -175,8 +183,48 @@ def test_kd_covers_only_the_named_streams_target_tokens(setup):
     both = kd_spec(DistillConfig(teacher="x", weight=1.0, temperature=1.0), setup["t_cfg"], names)
     assert both.streams == (1.0, 1.0)
     loss_fn = make_loss_fn(setup["s_cfg"], jnp.zeros(2), 0.0, 0.0, both)
-    total, (_, kd_sums) = loss_fn(setup["s_params"], batch, counts, jax.random.key(0), setup["t_params"])
+    total, (_, (kd_sums,)) = loss_fn(setup["s_params"], batch, counts, jax.random.key(0), setup["t_params"])
     np.testing.assert_allclose(float(total), float(kd_sums.sum() / counts.sum()), rtol=1e-6)
     for s, spec in enumerate([(1.0, 0.0), (0.0, 1.0)]):
         np.testing.assert_allclose(float(loss_lib.kd_mean(kd_sums, counts, jnp.asarray(spec))),
                                    float(kd_sums[s] / counts[s]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_two_teachers_fused_loss_and_gradient_match_pytorch(setup, chunk):
+    """CE 1.0 * answer + 0.7 * chain, plus 0.3 * KL(t1 || s) at T = 2 over the chain stream's
+    tokens, plus 0.5 * JSD(0.3) at T = 1 of the second teacher (128 rows, the tokenizer's 100
+    compared) over both streams' tokens: one fused loss, one backward pass."""
+    from tinyllm_jax.config import KDTeacherConfig
+    from tinyllm_jax.train.objective import make_loss_fn as make_objective
+
+    names = [s.name for s in STREAMS]
+    first = KDTeacherConfig(name="big", model="x", weight=0.3, temperature=2.0, streams=["chain"])
+    second = KDTeacherConfig(name="wide", model="y", weight=0.5, temperature=1.0, divergence="jsd", jsd_beta=0.3)
+    specs = [kd_spec(first, setup["t_cfg"], names), kd_spec(second, setup["u_cfg"], names, vocab=100)]
+    batch = setup["batch"]
+    counts = loss_lib.stream_token_counts(batch, 2)
+    loss_fn = make_objective(setup["s_cfg"], jnp.asarray([1.0, 0.7]), 0.0, 0.0, specs, chunk)
+    (total, (_, kd_sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        setup["s_params"], batch, counts, jax.random.key(0), setup["t_params"], setup["u_params"])
+    grads = params_to_hf(jax.tree.map(np.asarray, grads), setup["s_cfg"])
+
+    student = setup["student"]
+    student.zero_grad()
+    ce, divs1, divs2 = 0.0, [], []
+    for stream, w in enumerate([1.0, 0.7]):
+        ids, labels = _padded(setup["examples"], stream)
+        out = student(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels)
+        ce = ce + w * out.loss
+        mask = labels != -100
+        with torch.no_grad():
+            t1 = setup["teacher"](input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).logits
+            t2 = setup["teacher2"](input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).logits[..., :100]
+        if stream == 1:
+            divs1.append(_torch_divergence(out.logits[mask], t1[mask], "forward_kl", 2.0, 0.5))
+        divs2.append(_torch_divergence(out.logits[mask], t2[mask], "jsd", 1.0, 0.3))
+    want = ce + 0.3 * torch.cat(divs1).mean() + 0.5 * torch.cat(divs2).mean()
+    want.backward()
+    assert float(kd_sums[0].sum()) > 1e-3 and float(kd_sums[1].sum()) > 1e-3
+    assert abs(float(total) - float(want.detach())) <= 1e-4 * max(1.0, float(want.detach())), (float(total), float(want.detach()))
+    _assert_grads_close(grads, {k: p.grad.numpy() for k, p in student.named_parameters() if p.grad is not None})

@@ -77,6 +77,29 @@ def test_demo_mentor_kd_recipe_end_to_end(tmp_path, capsys):
     assert all(m["loss/kd"] > 0 for m in metrics if "loss" in m)  # the KD term was in every step
 
 
+def test_mentor_kd_on_the_mentors_stored_soft_labels(tmp_path):
+    """mentor.soft_labels_top_k: a logits stage runs the mentor once over the student's training
+    examples; the student trains on the stored top-k, never loading the mentor."""
+    run_dir = tmp_path / "run"
+    cfg = write_recipe(tmp_path / "r.yaml", run_dir, **{**MENTOR_KD, "mentor": {**MENTOR_KD["mentor"],
+                                                                               "soft_labels_top_k": 16}})
+    assert main(["recipe", str(cfg)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["stages"]) == ["data", "rationales", "chains", "mentor", "augment", "logits", "train",
+                                       "evaluate", "export"]
+    index = json.loads((run_dir / "logits" / "mentor" / "index.json").read_text())
+    assert index["settings"]["top_k"] == 16 and index["settings"]["teacher"] == str(run_dir / "mentor")
+    assert index["settings"]["streams"] == ["chains"] and index["settings"]["temperature"] == 2.0
+    chains = sum(len(r["rationales"].get("chains", [])) for r in lines(run_dir / "augment" / "train.jsonl"))
+    assert index["examples"] == chains  # one labelled example per chain the student trains on
+    student = yaml.safe_load((run_dir / "train" / "config.yaml").read_text())
+    assert student["distill"]["teacher"] is None
+    assert student["distill"]["teachers"] == [{**student["distill"]["teachers"][0], "name": "mentor", "model": None,
+                                               "logits": str(run_dir / "logits" / "mentor")}]
+    metrics = lines(run_dir / "train" / "metrics.jsonl")
+    assert all(m["loss/kd"] > 0 for m in metrics if "loss" in m)
+
+
 def test_published_mentor_chains_instead_of_sampling(tmp_path):
     """mentor.augment=false: no sampling; the records' published `mentor` chains join."""
     from tinyllm_jax.data.demo import make_demo_records

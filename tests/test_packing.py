@@ -279,3 +279,51 @@ def test_long_batches_when_few_ordinary_examples_are_left_to_top_them_up():
     assert batches and all(np.isfinite(b["decoder_segment_ids"]).all() for b in batches)
     rows, longs = it.epoch_plan(0)
     assert sorted(np.concatenate([*rows, *[r for lb in longs for r in lb]]).tolist()) == list(range(94))
+
+
+def with_token_arrays(ex: Examples) -> Examples:
+    """`ex` carrying two per-target-token arrays: [T, 3] (the token's flat index, its value,
+    its example) and [T] (the value as float), as stored soft labels ride along."""
+    example_of = np.repeat(np.arange(len(ex)), ex.dec_lengths)
+    flat = np.arange(len(ex.dec_tokens))
+    return ex.with_target_arrays({"soft.ids": np.stack([flat + 1, ex.dec_tokens, example_of], -1).astype(np.int64),
+                                  "soft.tail": ex.dec_tokens.astype(np.float32) / 2})
+
+
+def _check_token_arrays(b: dict[str, np.ndarray], ex: Examples) -> set[int]:
+    """Every target token's arrays sit at its position; zeros where no token is. Returns the
+    flat indices of the tokens seen."""
+    real = b["decoder_segment_ids"] > 0
+    ids = b["soft.ids"]
+    assert ids.shape == (*b["decoder_target_tokens"].shape, 3) and ids.dtype == np.int64
+    np.testing.assert_array_equal(ids[..., 1], b["decoder_target_tokens"])
+    np.testing.assert_array_equal(b["soft.tail"], b["decoder_target_tokens"] / 2)
+    assert (ids[~real] == 0).all()
+    flat = ids[real][:, 0] - 1
+    np.testing.assert_array_equal(ex.dec_tokens[flat], b["decoder_target_tokens"][real])
+    return set(flat.tolist())
+
+
+def test_per_target_token_arrays_ride_with_their_tokens_through_packing_long_batches_shares_and_resume():
+    ex = with_token_arrays(with_long_examples(200, 9))
+    seen: list[int] = []
+    whole = epoch(ex, batch_size=8, seed=5)
+    for b in whole:
+        seen += sorted(_check_token_arrays(b, ex))
+    assert sorted(seen) == list(range(len(ex.dec_tokens)))  # each token's arrays exactly once an epoch
+    assert any(b["encoder_input_tokens"].shape[1] == 256 for b in whole)
+    shares = [epoch(ex, batch_size=8, seed=5, process_index=p, process_count=2) for p in range(2)]
+    for step, global_batch in enumerate(whole):
+        for k in ("soft.ids", "soft.tail"):
+            np.testing.assert_array_equal(np.concatenate([s[step][k] for s in shares]), global_batch[k])
+    it = PackedIterator(ex, 8, 128, 96, seed=5, num_epochs=1, process_index=0, process_count=1)
+    for _ in range(4):
+        next(it)
+    resumed = PackedIterator(ex, 8, 128, 96, seed=5, num_epochs=1, process_index=0, process_count=1)
+    resumed.restore(json.loads(json.dumps(it.state())))
+    for x, y in zip(whole[4:], resumed):
+        np.testing.assert_array_equal(x["soft.ids"], y["soft.ids"])
+    # a subset keeps each example's arrays (evaluation takes one stream)
+    sub = ex.subset([5, 2, 7])
+    np.testing.assert_array_equal(sub.target_arrays["soft.ids"][:, 1], sub.dec_tokens)
+    np.testing.assert_array_equal(sub.target_arrays["soft.ids"][:, 2], np.repeat([5, 2, 7], sub.dec_lengths))

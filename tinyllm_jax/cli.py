@@ -57,6 +57,13 @@ def _rationales(a: argparse.Namespace) -> None:
     generate_command(load_config(a.config, a.overrides))
 
 
+def _logits(a: argparse.Namespace) -> None:
+    from tinyllm_jax.config import load_config
+    from tinyllm_jax.train.teacher_logits import logits_command
+
+    logits_command(load_config(a.config, a.overrides))
+
+
 def _recipe(a: argparse.Namespace) -> None:
     from tinyllm_jax.recipes import recipe_command
 
@@ -109,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(fn=_rationales)
 
+    p = sub.add_parser("logits", help="run distillation teachers once and store their top-k soft labels")
+    _config_args(p)
+    distributed.add_arguments(p)
+    p.set_defaults(fn=_logits)
+
     p = sub.add_parser("recipe", help="run a method end to end: data, teachers, training, test, export")
     _config_args(p)
     p.add_argument("--dry-run", action="store_true",
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if args.command in ("train", "eval"):  # multi-host: join the other processes first
+        if args.command in ("train", "eval", "logits"):  # multi-host: join the other processes first
             distributed.initialize(distributed.settings_from({k: getattr(args, k) for k in distributed.FLAGS}))
         args.fn(args)
     except UserError as e:

@@ -154,6 +154,9 @@ class OptimConfig:
     # (None: schedule_offset + train.steps)
     schedule_offset: int = 0
     schedule_steps: Optional[int] = None
+    # decoder positions whose vocabulary logits (the student's and every teacher's) exist at
+    # once in the loss, recomputed in the backward pass; 0: the whole sequence at once
+    loss_chunk_length: int = 0
 
 
 @dataclass
@@ -177,10 +180,32 @@ class EvalConfig:
 
 
 @dataclass
+class KDTeacherConfig:
+    """One teacher of logit distillation (an item of `distill.teachers`): a model run in the
+    train step (`model`), or its top-k soft labels stored once by `tinyllm logits` (`logits`)."""
+
+    name: str = ""  # its KD term in metrics.jsonl: loss/kd/<name> (default: teacher<i>)
+    model: Optional[str] = None  # an HF T5 directory, a hub id or a training run directory
+    # a directory of stored soft labels: the step reads them instead of running `model`, which
+    # `tinyllm logits` runs once to write them
+    logits: Optional[str] = None
+    top_k: int = 64  # `tinyllm logits`: the ids kept for each target token
+    logits_dtype: Literal["float32", "float16"] = "float32"  # stored log-probabilities
+    weight: float = 0.3
+    temperature: float = 2.0
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    jsd_beta: float = 0.5
+    scale_by_t2: bool = False
+    streams: list[str] = field(default_factory=list)  # the streams it teaches; empty: all
+    dtype: Literal["float32", "bfloat16"] = "float32"  # an online teacher's parameters and compute
+
+
+@dataclass
 class DistillConfig:
-    """Online logit distillation from a frozen teacher T5 run in the train step (Mentor-KD's
-    soft labels): loss = sum_s w_s * CE_s + weight * KD, KD a token mean over the target
-    tokens of `streams`. Off while `teacher` is null."""
+    """Logit distillation from frozen teachers (Mentor-KD's soft labels): loss = sum_s w_s *
+    CE_s + sum_t weight_t * KD_t, KD_t a token mean over the target tokens of teacher t's
+    streams. One teacher: `teacher` and the keys below; several: `teachers`, each with its
+    own settings (KDTeacherConfig). Off while both are empty."""
 
     teacher: Optional[str] = None  # an HF T5 directory, a hub id or a training run directory
     weight: float = 0.3  # Mentor-KD's lambda (its CE weight 1 - lambda is the stream's weight)
@@ -190,6 +215,8 @@ class DistillConfig:
     scale_by_t2: bool = False  # multiply KD by temperature**2 (Hinton et al.); the reference does not
     streams: list[str] = field(default_factory=list)  # the streams KD applies to; empty: all
     dtype: Literal["float32", "bfloat16"] = "float32"  # the teacher's parameters and compute
+    teachers: list[KDTeacherConfig] = field(default_factory=list)  # several teachers, online or stored
+    logits_shard_examples: int = 512  # `tinyllm logits`: examples a shard (the unit a rerun resumes by)
 
 
 @dataclass

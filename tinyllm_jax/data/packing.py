@@ -10,14 +10,17 @@ Segment k (1, 2, ...) of a row's encoder and segment k of its decoder are the sa
 0 is padding everywhere. Positions restart at 0 in each segment. `decoder_input_tokens` is
 the target shifted right within its segment, each segment starting with 0 (T5's decoder
 start token, also the pad id). `decoder_stream_ids` holds the example's stream index;
-the loss mask is `decoder_segment_ids > 0`.
+the loss mask is `decoder_segment_ids > 0`. Examples carrying per-target-token arrays
+(`Examples.target_arrays`: stored soft labels) add each, [B, decoder_length, ...], beside
+`decoder_target_tokens`, zero where no target token is.
 
 A decoder-only student reads one sequence a row (`CAUSAL`, seqio's decoder-only names):
 example i is prompt + target (its `enc` and `dec` ids) as one segment, `decoder_input_tokens`
 the sequence but its last token, `decoder_target_tokens` the sequence but its first, and
 `decoder_loss_weights` 1 exactly where a target token is predicted (the prompt, a chat
 template included, is never trained on). Packing fills that one length; a `Layout` says
-which lengths an example takes and how rows become a batch.
+which lengths an example takes and how rows become a batch. There a target token's arrays
+(`target_arrays`) sit at the position that predicts it, where its loss weight is.
 
 The packer is written by hand: seqio's needs TensorFlow and fills rows in arrival order,
 while here each row picks, from a pool of candidates, the examples that keep its two sides
@@ -224,6 +227,8 @@ def rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_size: in
     rows past len(rows) are empty."""
     b = {k: np.zeros((batch_size, encoder_length if k.startswith("encoder") else decoder_length), np.int32)
          for k in BATCH_KEYS}
+    for name, a in examples.target_arrays.items():  # zero where no target token is
+        b[name] = np.zeros((batch_size, decoder_length, *a.shape[1:]), a.dtype)
     counts = np.asarray([len(r) for r in rows], np.int64)
     if not counts.sum():
         return b
@@ -247,6 +252,8 @@ def rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_size: in
             b["decoder_target_tokens"][at] = tokens[src]
             b["decoder_input_tokens"][at] = np.where(pos == 0, 0, tokens[src - 1])  # shift within segment
             b["decoder_stream_ids"][at] = np.repeat(examples.stream_ids[ex], n)
+            for name, a in examples.target_arrays.items():
+                b[name][at] = a[src]
     return b
 
 
@@ -255,6 +262,8 @@ def causal_rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_s
     """The decoder-only batch dict (CAUSAL_KEYS) for `rows`: each example its prompt and
     target as one segment, inputs and targets one token apart, loss weights on the target."""
     b = {k: np.zeros((batch_size, sequence_length), np.int32) for k in CAUSAL_KEYS}
+    for name, a in examples.target_arrays.items():  # zero where no target token is predicted
+        b[name] = np.zeros((batch_size, sequence_length, *a.shape[1:]), a.dtype)
     counts = np.asarray([len(r) for r in rows], np.int64)
     if not counts.sum():
         return b
@@ -282,6 +291,12 @@ def causal_rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_s
     b["decoder_positions"][at] = pos
     b["decoder_stream_ids"][at] = np.repeat(examples.stream_ids[ex], n)
     b["decoder_loss_weights"][at] = (pos + 1 >= np.repeat(n_enc, n)).astype(np.int32)
+    if examples.target_arrays:  # a target token's arrays at the position that predicts it
+        on_target = pos + 1 >= np.repeat(n_enc, n)
+        src = (np.repeat(examples.dec_offsets[ex] - n_enc, n) + pos + 1)[on_target]
+        where = (at[0][on_target], at[1][on_target])
+        for name, a in examples.target_arrays.items():
+            b[name][where] = a[src]
     return b
 
 

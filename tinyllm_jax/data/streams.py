@@ -176,6 +176,10 @@ class Examples:
     stream_names: list[str]
     record_ids: list[str]
     stats: dict[str, StreamStats] = field(default_factory=dict)
+    # per-target-token arrays (stored soft labels): name -> array whose row t belongs to
+    # decoder token t of `dec_tokens`; `rows_to_batch` places them beside the targets. Any
+    # object with `shape`, `dtype` and numpy fancy indexing serves (a table read lazily).
+    target_arrays: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -199,8 +203,17 @@ class Examples:
         idx = np.asarray(indices, np.int64)
         enc, enc_off = _gather(self.enc_tokens, self.enc_offsets, idx)
         dec, dec_off = _gather(self.dec_tokens, self.dec_offsets, idx)
+        at = _positions(self.dec_offsets, idx)
         return Examples(enc, enc_off, dec, dec_off, self.stream_ids[idx], self.record_index[idx],
-                        self.stream_names, self.record_ids, self.stats)
+                        self.stream_names, self.record_ids, self.stats,
+                        {k: v[at] for k, v in self.target_arrays.items()})
+
+    def with_target_arrays(self, arrays: dict[str, Any]) -> "Examples":
+        """These examples carrying `arrays` too (each with a row per decoder token)."""
+        for name, a in arrays.items():
+            if a.shape[0] != len(self.dec_tokens):
+                raise ValueError(f"target array {name!r} has {a.shape[0]} rows for {len(self.dec_tokens)} target tokens")
+        return dataclasses.replace(self, target_arrays={**self.target_arrays, **arrays})
 
     def stream(self, name: str) -> "Examples":
         if name not in self.stream_names:
@@ -232,10 +245,14 @@ class Examples:
 def _gather(tokens: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lengths = offsets[idx + 1] - offsets[idx]
     new_off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    if len(idx) == 0:
-        return tokens[:0], new_off
-    pos = np.repeat(offsets[idx] - new_off[:-1], lengths) + np.arange(new_off[-1])
-    return tokens[pos], new_off
+    return tokens[_positions(offsets, idx)], new_off
+
+
+def _positions(offsets: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The flat token positions of examples `idx`, in that order."""
+    lengths = offsets[idx + 1] - offsets[idx]
+    starts = np.cumsum(lengths) - lengths
+    return (np.repeat(offsets[idx] - starts, lengths) + np.arange(int(lengths.sum()))).astype(np.int64)
 
 
 def check_streams(streams: Sequence[StreamConfig], records: Sequence[dict[str, Any]],

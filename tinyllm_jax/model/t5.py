@@ -308,7 +308,8 @@ def _segments(tokens: Array, segment_ids: Optional[Array]) -> Array:
 
 class T5(nn.Module):
     """T5ForConditionalGeneration. `__call__` gives fp32 logits [B, Ld, V] for (packed)
-    teacher-forced inputs; `encode`, `init_cache`, `cross_kv`, `decoder_bias` and `decode_step` serve
+    teacher-forced inputs, `hidden` and `project` the same in two steps (a chunked loss
+    projects a few positions at a time); `encode`, `init_cache`, `cross_kv`, `decoder_bias` and `decode_step` serve
     incremental decoding with a KV cache."""
 
     cfg: T5Config
@@ -344,21 +345,36 @@ class T5(nn.Module):
             x = layer(x, mask, bias)
         return self.drop(self.encoder_norm(x), deterministic=self.deterministic)
 
-    def _logits(self, x_BxLxD: Array) -> Array:
+    def _final(self, x_BxLxD: Array) -> Array:
+        """The last decoder layer's output -> what the vocabulary projection reads: the final
+        norm, dropout and (v1.0) the d_model**-0.5 scale."""
         c = self.cfg
         x = self.drop(self.decoder_norm(x_BxLxD), deterministic=self.deterministic)
         if c.scale_decoder_outputs:
             x = x * (c.d_model**-0.5)
-        dt = c.compute_dtype
-        if c.tie_word_embeddings:
-            logits = jnp.einsum("bld,vd->blv", x, self.shared.astype(dt))
+        return x
+
+    def project(self, x_BxLxD: Array) -> Array:
+        """`hidden`'s output [B, L, D] (any number of tokens) -> fp32 logits [B, L, V]: the
+        vocabulary projection alone, so a loss can run it over chunks of the sequence."""
+        dt = self.cfg.compute_dtype
+        if self.cfg.tie_word_embeddings:
+            logits = jnp.einsum("bld,vd->blv", x_BxLxD, self.shared.astype(dt))
         else:
-            B, L, D = x.shape
-            logits = dense(x.reshape(B * L, D), self.lm_head.astype(dt)).reshape(B, L, -1)
+            B, L, D = x_BxLxD.shape
+            logits = dense(x_BxLxD.reshape(B * L, D), self.lm_head.astype(dt)).reshape(B, L, -1)
         return logits.astype(jnp.float32)
+
+    def _logits(self, x_BxLxD: Array) -> Array:
+        return self.project(self._final(x_BxLxD))
 
     def decode(self, encoded: Array, encoder_segment_ids: Array, decoder_input_tokens: Array,
                decoder_segment_ids: Optional[Array] = None) -> Array:
+        return self._logits(self._decoder_layers(encoded, encoder_segment_ids, decoder_input_tokens,
+                                                 decoder_segment_ids))
+
+    def _decoder_layers(self, encoded: Array, encoder_segment_ids: Array, decoder_input_tokens: Array,
+                        decoder_segment_ids: Optional[Array] = None) -> Array:
         B, Ld = decoder_input_tokens.shape
         dseg = decoder_segment_ids if decoder_segment_ids is not None else jnp.ones((B, Ld), jnp.int32)
         causal = jnp.tril(jnp.ones((Ld, Ld), bool))[None]
@@ -370,7 +386,7 @@ class T5(nn.Module):
         x = self.drop(self._embed(decoder_input_tokens), deterministic=self.deterministic)
         for layer in self.decoder_layers:
             x, _ = layer(x, self_mask, bias, layer.cross_kv(encoded), cross_mask)
-        return self._logits(x)
+        return x
 
     def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                  encoder_segment_ids: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
@@ -381,6 +397,16 @@ class T5(nn.Module):
         eseg = _segments(encoder_input_tokens, encoder_segment_ids)
         encoded = self.encode(encoder_input_tokens, eseg)
         return self.decode(encoded, eseg, decoder_input_tokens, decoder_segment_ids)
+
+    def hidden(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               encoder_segment_ids: Optional[Array] = None, decoder_segment_ids: Optional[Array] = None,
+               encoder_positions: Optional[Array] = None, decoder_positions: Optional[Array] = None) -> Array:
+        """`__call__` up to the vocabulary projection: [B, Ld, D] in the compute dtype, with
+        `project(hidden(...)) == __call__(...)` (the same operations, so bitwise equal)."""
+        del encoder_positions, decoder_positions
+        eseg = _segments(encoder_input_tokens, encoder_segment_ids)
+        encoded = self.encode(encoder_input_tokens, eseg)
+        return self._final(self._decoder_layers(encoded, eseg, decoder_input_tokens, decoder_segment_ids))
 
     # ---- incremental decoding
 

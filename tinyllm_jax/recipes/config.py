@@ -98,6 +98,9 @@ class MentorConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+    # > 0: a `logits` stage runs the mentor once and stores its top-k soft labels for every
+    # training example; the student reads them instead of running the mentor in every step
+    soft_labels_top_k: int = 0
 
 
 @dataclass

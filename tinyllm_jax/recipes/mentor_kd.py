@@ -2,8 +2,8 @@
 correct chains, samples more chains for every training question (the correct ones are
 kept), and gives the student soft labels: loss = w * CE(chains) + lambda * KD(mentor).
 
-    data -> [rationales] -> chains -> mentor -> augment -> train (with distill: the mentor)
-         -> evaluate -> export
+    data -> [rationales] -> chains -> mentor -> augment -> [logits] -> train (with distill:
+         the mentor) -> evaluate -> export
 
     chains    the teacher chains a question (`mentor.teachers`; only those whose answer is
               the gold one, `mentor.correct_only`) as one stream's rationales, `chains`
@@ -12,8 +12,11 @@ kept), and gives the student soft labels: loss = w * CE(chains) + lambda * KD(me
     augment   `mentor.samples` chains a train question, sampled (temperature, top-k,
               top-p, seed); kept when the answer after "-->" is the gold one; provenance
               keeps every sample and its verdict
+    logits    (with `mentor.soft_labels_top_k`) the mentor run once over the student's
+              training examples, its top-k soft labels stored (`tinyllm logits`)
     train     the student on teacher + mentor chains, the mentor run in the same jitted
-              step on the same packed batch for the KD term (`distill:`)
+              step on the same packed batch for the KD term (`distill:`), or its stored
+              soft labels read beside the targets
 
 Where the reference code differs, and why we do not follow it: its KL mask tests
 `labels != 0` after padding was set to -100 (so every pad enters the KL and dilutes it):
@@ -30,7 +33,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tinyllm_jax.config import Config, ConfigError, StreamConfig
+from tinyllm_jax.config import Config, ConfigError, DistillConfig, KDTeacherConfig, StreamConfig
 from tinyllm_jax.data.records import read_jsonl, write_jsonl
 from tinyllm_jax.recipes import common
 from tinyllm_jax.recipes.config import RecipeConfig
@@ -49,8 +52,10 @@ def stages(cfg: RecipeConfig, run_dir: Path) -> list[Stage]:
     if cfg.rationales.teachers:
         out.append(common.rationales_stage(cfg, run_dir, records_from="data"))
         records = "rationales"
-    out += [chains_stage(cfg, run_dir, records), mentor_stage(cfg, run_dir), augment_stage(cfg, run_dir),
-            student_stage(cfg, run_dir), common.evaluate_stage(cfg, run_dir)]
+    out += [chains_stage(cfg, run_dir, records), mentor_stage(cfg, run_dir), augment_stage(cfg, run_dir)]
+    if cfg.mentor.soft_labels_top_k:
+        out.append(logits_stage(cfg, run_dir))
+    out += [student_stage(cfg, run_dir), common.evaluate_stage(cfg, run_dir)]
     if cfg.export.enabled:
         out.append(common.export_stage(cfg, run_dir))
     return out
@@ -69,6 +74,9 @@ def check(cfg: RecipeConfig) -> None:
                           "google/flan-t5-large), or its architecture with mentor.model.train_tokenizer_vocab")
     if m.augment and m.samples < 1:
         raise ConfigError(f"mentor.samples: expected >= 1, found {m.samples}")
+    if m.soft_labels_top_k < 0:
+        raise ConfigError(f"mentor.soft_labels_top_k: expected 0 (the mentor runs in every step) or the k of its "
+                          f"stored top-k soft labels, found {m.soft_labels_top_k}")
     if m.augment and m.temperature <= 0:
         raise ConfigError(f"mentor.temperature: sampling needs a temperature > 0, found {m.temperature}")
     if cfg.distill.streams and cfg.distill.streams != [chains_stream(cfg).name]:
@@ -217,15 +225,60 @@ def _sample(cfg: RecipeConfig, mentor_dir: Path, splits: dict[str, Path]) -> dic
     return out
 
 
-def student_stage(cfg: RecipeConfig, run_dir: Path) -> Stage:
-    """The student on teacher + mentor chains, with the mentor's soft labels (KD)."""
-    mentor_dir = stage_dir(run_dir, "mentor")
-    distill = dataclasses.replace(cfg.distill, teacher=str(mentor_dir), streams=[chains_stream(cfg).name])
+def _student_model(cfg: RecipeConfig, run_dir: Path):
     model = cfg.model
     if not model.init and not model.tokenizer:  # the KD term compares token by token: the mentor's tokenizer
-        model = dataclasses.replace(model, tokenizer=str(mentor_dir / "tokenizer"), train_tokenizer_vocab=None)
-    stage = common.train_stage(cfg, run_dir, records_from="augment", name="train", model=model, eval=_eval(cfg),
-                               distill=distill)
-    stage.reads.append(mentor_dir / "summary.json")
+        model = dataclasses.replace(model, tokenizer=str(stage_dir(run_dir, "mentor") / "tokenizer"),
+                                    train_tokenizer_vocab=None)
+    return model
+
+
+def _mentor_as_teacher(cfg: RecipeConfig, run_dir: Path, stored: bool) -> DistillConfig:
+    """The student's `distill`: the mentor on the chains stream, run in the step or stored."""
+    mentor_dir = stage_dir(run_dir, "mentor")
+    if not stored:
+        return dataclasses.replace(cfg.distill, teacher=str(mentor_dir), streams=[chains_stream(cfg).name])
+    d = cfg.distill
+    teacher = KDTeacherConfig(name=MENTOR, model=str(mentor_dir), logits=str(stage_dir(run_dir, "logits") / MENTOR),
+                              top_k=cfg.mentor.soft_labels_top_k, weight=d.weight, temperature=d.temperature,
+                              divergence=d.divergence, jsd_beta=d.jsd_beta, scale_by_t2=d.scale_by_t2,
+                              streams=[chains_stream(cfg).name], dtype=d.dtype)
+    return DistillConfig(teachers=[teacher], logits_shard_examples=d.logits_shard_examples)
+
+
+def logits_stage(cfg: RecipeConfig, run_dir: Path) -> Stage:
+    """The mentor run once over the student's training examples (the augmented chains): its
+    top-k soft labels stored in RUN_DIR/logits/mentor (`tinyllm logits`); a killed stage
+    resumes, keeping the shards it finished."""
+    out = stage_dir(run_dir, "logits")
+    src = stage_dir(run_dir, "augment")
+    distill = _mentor_as_teacher(cfg, run_dir, stored=True)
+
+    def run() -> dict[str, Any]:
+        from tinyllm_jax.train.teacher_logits import logits_command
+
+        # the student's tokenizer and examples; the student's own files go to this stage's folder
+        tcfg = common.train_config(cfg, out, common.read_manifest(src), model=_student_model(cfg, run_dir),
+                                   distill=distill)
+        return logits_command(tcfg)[0]
+
+    settings = {"distill": common.settings_of(distill.teachers[0]), "data": common.settings_of(cfg.data),
+                "model": common.settings_of(_student_model(cfg, run_dir))}
+    return Stage("logits", run, settings, writes=[out / MENTOR / "index.json"],
+                 reads=[src / common.MANIFEST, stage_dir(run_dir, "mentor") / "summary.json"])
+
+
+def student_stage(cfg: RecipeConfig, run_dir: Path) -> Stage:
+    """The student on teacher + mentor chains, with the mentor's soft labels (KD): the mentor
+    run in every step, or its stored top-k (`mentor.soft_labels_top_k`)."""
+    stored = cfg.mentor.soft_labels_top_k > 0
+    distill = _mentor_as_teacher(cfg, run_dir, stored)
+    if stored:  # the labels only: the student's steps never load the mentor
+        distill = dataclasses.replace(distill, teachers=[dataclasses.replace(distill.teachers[0], model=None)])
+    stage = common.train_stage(cfg, run_dir, records_from="augment", name="train", model=_student_model(cfg, run_dir),
+                               eval=_eval(cfg), distill=distill)
+    stage.settings["distill"] = common.settings_of(distill)
+    stage.reads.append(stage_dir(run_dir, "logits") / MENTOR / "index.json" if stored
+                       else stage_dir(run_dir, "mentor") / "summary.json")
     return stage
 

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +28,14 @@ from tinyllm_jax.errors import UserError
 from tinyllm_jax.eval.evaluate import Evaluation
 from tinyllm_jax.model.family import family_of
 from tinyllm_jax.train import loss as loss_lib
-from tinyllm_jax.train.distill import KDSpec, Teacher, kd_spec, load_teacher
+from tinyllm_jax.train.distill import Distillation, KDSpec, Teacher, kd_spec, load_distillation, teacher_configs
+from tinyllm_jax.train.objective import kd_total, make_loss_fn
 from tinyllm_jax.runtime import sharding
 from tinyllm_jax.runtime.checkpoint import Checkpointer
 from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device, train_flops_per_step
 from tinyllm_jax.train.optim import make_optimizer
 
 log = logging.getLogger("tinyllm.train")
-
 
 
 class NonFiniteLoss(UserError):
@@ -45,78 +45,44 @@ class NonFiniteLoss(UserError):
 # --------------------------------------------------------------------------- the step
 
 
-def make_loss_fn(arch: Any, weights: jax.Array, label_smoothing: float, z_loss: float,
-                 kd: KDSpec | None = None) -> Callable:
-    """(params, batch, counts_S, rng) -> (total, per-stream CE sums), for a student of either
-    family. With `kd` the function takes the teacher's parameters last, runs the teacher on
-    the same packed batch and returns (total, (CE sums, KD divergence sums)), total including
-    kd.weight * KD."""
-    family = family_of(arch)
-    model = family.module(arch, arch.dropout_rate == 0.0)
-    num_streams = weights.shape[0]
-
-    def student(params, batch, rng):
-        logits = model.apply({"params": params}, *(batch[k] for k in family.model_inputs), rngs={"dropout": rng})
-        tokens = loss_lib.token_losses(logits, batch["decoder_target_tokens"], label_smoothing, z_loss)
-        sums_S = loss_lib.stream_sums(tokens, batch["decoder_stream_ids"], loss_lib.loss_mask(batch), num_streams)
-        return logits, sums_S
-
-    def loss_fn(params, batch, counts_S, rng):
-        _, sums_S = student(params, batch, rng)
-        total, _ = loss_lib.weighted_loss(sums_S, counts_S, weights)
-        return total, sums_S
-
-    if kd is None:
-        return loss_fn
-    teacher = family_of(kd.teacher_cfg).module(kd.teacher_cfg, True)  # the student's family: it reads the same batch
-
-    def kd_loss_fn(params, batch, counts_S, rng, teacher_params):
-        logits, sums_S = student(params, batch, rng)
-        teacher_logits = jax.lax.stop_gradient(
-            teacher.apply({"params": teacher_params}, *(batch[k] for k in family.model_inputs)))
-        div = loss_lib.token_divergences(logits, teacher_logits, kd.divergence, kd.temperature, kd.jsd_beta)
-        kd_sums_S = loss_lib.stream_sums(div, batch["decoder_stream_ids"], loss_lib.loss_mask(batch), num_streams)
-        total, _ = loss_lib.weighted_loss(sums_S, counts_S, weights)
-        total = total + kd.weight * kd.scale * loss_lib.kd_mean(kd_sums_S, counts_S, kd.streams_S())
-        return total, (sums_S, kd_sums_S)
-
-    return kd_loss_fn
-
-
 def make_train_step(arch: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     weights: np.ndarray, accum_steps: int, seed: int, label_smoothing: float = 0.0,
-                    z_loss: float = 0.0, prng_impl: str = "threefry2x32", kd: KDSpec | None = None) -> Callable:
+                    z_loss: float = 0.0, prng_impl: str = "threefry2x32", kd: KDSpec | Sequence[KDSpec] | None = None,
+                    chunk_length: int = 0) -> Callable:
     """state, batch -> state, metrics. With `accum_steps` > 1 every batch array has a
     leading microbatch axis; the loss is normalised over the whole accumulated batch.
-    With `kd`: state, batch, teacher_params -> state, metrics (metrics gain `kd_loss`)."""
+    With teachers (`kd`): state, batch, *online teachers' params -> state, metrics (metrics
+    gain `kd_loss`, each teacher's divergence)."""
+    specs = (kd,) if isinstance(kd, KDSpec) else tuple(kd or ())
     weights = jnp.asarray(weights, jnp.float32)
     num_streams = weights.shape[0]
-    loss_fn = make_loss_fn(arch, weights, label_smoothing, z_loss, kd)
+    loss_fn = make_loss_fn(arch, weights, label_smoothing, z_loss, specs, chunk_length)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     base_key = jax.random.key(seed, impl=prng_impl)
 
-    def step_fn(state, batch, *teacher):
+    def step_fn(state, batch, *teachers):
         params, step = state["params"], state["step"]
         rng = jax.random.fold_in(base_key, step)
-        flat = batch if accum_steps == 1 else jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), batch)
+        flat = batch if accum_steps == 1 else jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
         counts_S = loss_lib.stream_token_counts(flat, num_streams)
         if accum_steps == 1:
-            (_, aux), grads = grad_fn(params, batch, counts_S, rng, *teacher)
+            (_, aux), grads = grad_fn(params, batch, counts_S, rng, *teachers)
         else:
             def micro(carry, mb_and_i):
                 mb, i = mb_and_i
                 g_acc, s_acc = carry
-                (_, s), g = grad_fn(params, mb, counts_S, jax.random.fold_in(rng, i), *teacher)
+                (_, s), g = grad_fn(params, mb, counts_S, jax.random.fold_in(rng, i), *teachers)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
             sums_zeros = jnp.zeros((num_streams,), jnp.float32)
-            zeros = (jax.tree.map(jnp.zeros_like, params), sums_zeros if kd is None else (sums_zeros, sums_zeros))
+            zeros = (jax.tree.map(jnp.zeros_like, params),
+                     sums_zeros if not specs else (sums_zeros, jnp.zeros((len(specs), num_streams), jnp.float32)))
             (grads, aux), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum_steps)))
-        sums_S, kd_sums_S = (aux, None) if kd is None else aux
+        sums_S, kd_sums = (aux, None) if not specs else aux
         total, means_S = loss_lib.weighted_loss(sums_S, counts_S, weights)
-        if kd is not None:
-            kd_value = loss_lib.kd_mean(kd_sums_S, counts_S, kd.streams_S())
-            total = total + kd.weight * kd.scale * kd_value
+        if specs:
+            kd_weighted, kd_values = kd_total(specs, kd_sums, counts_S)
+            total = total + kd_weighted
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": step + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
         metrics = {
@@ -124,8 +90,8 @@ def make_train_step(arch: Any, tx: optax.GradientTransformation, schedule: optax
             "grad_norm": optax.global_norm(grads), "lr": schedule(step),
             "real_tokens": sum(jnp.sum(flat[k] > 0) for k in family_of(arch).real_token_keys),
         }
-        if kd is not None:
-            metrics["kd_loss"] = kd_value  # the divergence, before weight and T^2
+        if specs:
+            metrics["kd_loss"] = kd_values  # each teacher's divergence, before weight and T^2
         return new_state, metrics
 
     return step_fn
@@ -146,13 +112,16 @@ class Trainer:
     step_fn: Callable = None
     state_shardings: Any = None
     param_shardings: Any = None
-    teacher: Teacher | None = None  # distillation's frozen teacher, an argument of every step
-    jitted_step: Callable = None  # (state, batch[, teacher params]) -> (state, metrics)
+    distillation: Distillation | None = None  # the teachers; online ones' parameters are arguments of every step
+    jitted_step: Callable = None  # (state, batch, *online teachers' params) -> (state, metrics)
 
     @classmethod
     def create(cls, cfg: Config, arch: Any, mesh, stream_names, weights, imported_params=None,
-               teacher: Teacher | None = None) -> "Trainer":
-        self = cls(cfg, arch, mesh, list(stream_names), teacher=teacher)
+               teacher: Teacher | Distillation | None = None) -> "Trainer":
+        """`teacher`: the teachers of `cfg.distill` (load_distillation), or its one online teacher."""
+        if isinstance(teacher, Teacher):
+            teacher = Distillation((kd_spec(cfg.distill, teacher.arch, list(stream_names), teacher.vocab),), (teacher,))
+        self = cls(cfg, arch, mesh, list(stream_names), distillation=teacher)
         rules = sharding.logical_rules(cfg.mesh)
         init = lambda key: family_of(arch).init(arch, key)  # noqa: E731
         boxed = jax.eval_shape(init, jax.random.key(cfg.train.seed))
@@ -169,27 +138,36 @@ class Trainer:
                                 "opt_state": opt_shardings}
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         self.state = jax.device_put(state, self.state_shardings)
-        kd = None if teacher is None else kd_spec(cfg.distill, teacher.arch, self.stream_names)
+        specs = () if teacher is None else teacher.specs
         step = make_train_step(arch, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
-                               cfg.optim.label_smoothing, cfg.optim.z_loss, cfg.train.prng_impl, kd)
+                               cfg.optim.label_smoothing, cfg.optim.z_loss, cfg.train.prng_impl, specs,
+                               cfg.optim.loss_chunk_length)
         lead = 1 if cfg.optim.grad_accum_steps > 1 else 0
         bs = sharding.put_batch_shardings(mesh, lead)
-        # the teacher's parameters: sharded like a student's, never donated (only the state is)
-        frozen = () if teacher is None else (teacher.shardings,)
+        # online teachers' parameters: sharded like a student's, never donated (only the state is)
+        frozen = () if teacher is None else teacher.shardings()
         self.jitted_step = jax.jit(step, in_shardings=(self.state_shardings, bs, *frozen),
                                    out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-        self.step_fn = self.jitted_step if teacher is None else self._step_with_teacher
+        self.step_fn = self.jitted_step if not frozen else self._step_with_teachers
         return self
 
-    def _step_with_teacher(self, state, batch):
-        return self.jitted_step(state, batch, self.teacher.params)
+    @property
+    def teacher(self) -> Teacher | None:
+        """The one online teacher, if there is exactly one."""
+        online = () if self.distillation is None else self.distillation.online
+        return online[0] if len(online) == 1 else None
+
+    def _step_with_teachers(self, state, batch):
+        return self.jitted_step(state, batch, *self.distillation.params())
 
     def abstract_state(self) -> Any:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         a = self.cfg.optim.grad_accum_steps
-        keys = (*family_of(self.arch).model_inputs, "decoder_target_tokens", "decoder_stream_ids", "decoder_loss_weights")
+        stored = [k for k in batch if k.startswith("kd.")]  # stored soft labels (see distill.KDSpec.prefix)
+        keys = (*family_of(self.arch).model_inputs, "decoder_target_tokens", "decoder_stream_ids",
+                "decoder_loss_weights", *stored)
         batch = {k: batch[k] for k in dict.fromkeys(keys) if k in batch}
         if a > 1:
             batch = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
@@ -282,14 +260,20 @@ def _warn_on_changed_config(cfg: Config, run_dir: Path) -> None:
                     ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8]))
 
 
-def _host_metrics(m: dict[str, Any], stream_names: list[str]) -> dict[str, Any]:
+def _host_metrics(m: dict[str, Any], stream_names: list[str], kd_names: Sequence[str] = ()) -> dict[str, Any]:
+    """Host floats of a step's metrics: each teacher's divergence is loss/kd/<name>, or
+    loss/kd with one teacher."""
     m = jax.device_get(m)
     out = {"step": None, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
            "real_tokens": int(m["real_tokens"])}
     for name, v, n in zip(stream_names, m["stream_loss"], m["stream_tokens"]):
         out[f"loss/{name}"] = float(v) if n > 0 else None
     if "kd_loss" in m:
-        out["loss/kd"] = float(m["kd_loss"])
+        values = np.atleast_1d(m["kd_loss"])
+        if len(values) == 1:
+            out["loss/kd"] = float(values[0])
+        else:
+            out |= {f"loss/kd/{name}": float(v) for name, v in zip(kd_names, values)}
     return out
 
 
@@ -328,6 +312,9 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     layout = layout_of(family.layout)
     examples = examples_for_split(cfg.data, "train", tokenizer, causal=layout is CAUSAL)
     check_coverage(tokenizer, examples)  # a tokenizer that cannot read the data stops here
+    # the teachers: online ones on the mesh, stored soft labels riding with their examples' tokens
+    distillation, examples = (load_distillation(cfg, arch, tokenizer, mesh, examples)
+                              if teacher_configs(cfg.distill) else (None, examples))
     blocks, num_blocks = sharding.process_row_blocks(mesh)  # this process's rows of each batch
     data = PackedIterator(examples, cfg.train.batch_size, *row_lengths(cfg.data, layout),
                           seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row,
@@ -342,9 +329,9 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
                           f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
     stream_names = [s.name for s in cfg.data.streams]
-    teacher = load_teacher(cfg, arch, tokenizer, mesh) if cfg.distill.teacher else None
-    trainer = Trainer.create(cfg, arch, mesh, stream_names, stream_weights(cfg.data.streams), imported, teacher)
-    del imported, teacher
+    trainer = Trainer.create(cfg, arch, mesh, stream_names, stream_weights(cfg.data.streams), imported, distillation)
+    kd_names = [] if distillation is None else [s.name for s in distillation.specs]
+    del imported, distillation
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = ckpt.latest_step() or 0
@@ -376,7 +363,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     def flush(step_done: int, metrics: Any, step_flops: float) -> dict[str, Any]:
         """Reads step `step_done`'s metrics (after the next step was dispatched)."""
         nonlocal interval_tokens, interval_flops, interval_start, last_logged
-        m = _host_metrics(metrics, stream_names)
+        m = _host_metrics(metrics, stream_names, kd_names)
         if not np.isfinite(m["loss"]):
             raise NonFiniteLoss(
                 f"loss is {m['loss']} at step {step_done}; stopping. The last good checkpoint "
