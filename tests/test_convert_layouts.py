@@ -169,6 +169,30 @@ def test_dss_svamp_source_file_is_split_as_the_reference_loader_splits_it(tmp_pa
     assert split_of(report, "svamp", "test").layout == "SVAMP (SVAMP.json, split by the reference loader)"
 
 
+def test_dss_parallel_steps_are_reasoning_not_a_repetition_loop(tmp_path):
+    """Reasoning that repeats a sentence between other steps ("She already put in 5 cups.")
+    is kept as the text before "The answer is", as the reference loader reads it (SVAMP
+    train has one such string of 789); a sentence said again and again in a row is a loop."""
+    d = tmp_path / "svamp"
+    parallel = ("Ann needs 6 cups of flour. She already put in 5 cups. So she needs 6 - 5 = 1 more cup of flour.\n"
+                "Ann needs 8 cups of sugar. She already put in 5 cups. So she needs 8 - 5 = 3 more cups of sugar.\n"
+                "Ann needs 7 cups of salt. She already put in 5 cups. So she needs 7 - 5 = 2 more cups of salt.\n"
+                "She needs 3 more cups of sugar than 2 more cups of salt.")
+    looping = "Ann needs 6 cups of flour. " + "She already put in 5 cups. " * 3 + "So she needs 1 more."
+    rows = [{"input": f"Ann bakes {i}.\nHow many more?", "label": "( 3.0 - 2.0 )"} for i in range(2)]
+    write_json(d / "svamp_train.json", rows, lines=True)
+    write_json(d / "llm" / "train_CoT_0.json", [parallel + " The answer is (3 - 2).\n\nQ:",
+                                                 looping + " The answer is ( 3.0 - 2.0 )."])
+    out = tmp_path / "out"
+    report = convert("dss", tmp_path, out)
+    first, second = records(out, "svamp", "train")
+    reference = (parallel + " The answer is (3 - 2).\n\nQ:").split("Q:")[0].rstrip().split("The answer is")[0].rstrip()
+    assert first["rationales"] == {"palm": [reference]}
+    assert first["teacher_answers"] == {"palm": ["(3 - 2)"]}
+    assert second["rationales"] == {}
+    assert split_of(report, "svamp", "train").teachers["palm"].dropped == {"repetition loop": 1}
+
+
 # ------------------------------------------------------------------ unknown layouts, other formats, --src
 
 
