@@ -285,6 +285,23 @@ def test_mentor_kd_completions_are_read_as_answers_in_every_chain_file(tmp_path)
     assert split_of(report, "strategy_qa", "test").alignment["main/strategy_qa_test.json"]["completion_unreadable"] == 1
 
 
+def test_mentor_kd_last_letters_spelled_out_or_in_capitals_read_as_the_gold_word(tmp_path):
+    """Mentor-KD's evaluator strips quotes, dots and whitespace from a last-letter answer and
+    compares it case-insensitively: ' "y a a n".' and 'YAAN' state the gold "yaan"."""
+    root = tmp_path / "mentor-kd"
+    q = 'Take the last letters of each words in "Lucky Mireya Jj Kc" and concatenate them.'
+    write_json(root / "skeleton" / "last_letter_concatenation_test.json", [{"input": q, "answer": "yaan"}])
+    write_json(root / "main" / "last_letter_concatenation_test.json", [
+        {"input": q, "chain": f"Some steps {i}.", "completion": c, "answer": "yaan", "initial_correct": True}
+        for i, c in enumerate([' "y a a n".', " YAAN.", ' "y, a, a, n".', ' "yaan".'])])
+    out = tmp_path / "out"
+    report = convert("mentor-kd", root, out)
+    (rec,) = records(out, "last_letter_concatenation", "test")
+    assert rec["teacher_answers"]["teacher"] == ["yaan", "yaan", "y,a,a,n", "yaan"]
+    assert split_of(report, "last_letter_concatenation", "test").alignment[
+        "main/last_letter_concatenation_test.json"]["completion_unreadable"] == 0
+
+
 # ------------------------------------------------------------------ FAIR: the four published datasets
 
 

@@ -150,12 +150,13 @@ _EDGES = " \t\n.\"'\u201c\u201d\u2018\u2019"
 _A_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _YES_NO = re.compile(r"\b(yes|no)\b", re.I)
 _BARE_LETTER = re.compile(r"\(?([A-Za-z])\)?")
+_NOT_IN_A_WORD = re.compile(r"[\s.\"'\u201c\u201d\u2018\u2019]")  # what Mentor-KD's evaluator strips (and curly quotes)
 
 
 def stated_answer(completion: str, record: dict[str, Any]) -> str | None:
     """A chain's completion in the form of the record's gold answer, or None when it states
     none: " (F)." -> "F" (letter gold) or the choice's text (CSQA), "32.0" -> "32",
-    " probably no." -> "No", ' "yajo".' -> "yajo"."""
+    " probably no." -> "No", ' "yajo".' -> "yajo", ' "y a a n".' or "YAAN" -> "yaan" (gold "yaan")."""
     text = completion.strip(_EDGES)
     gold = record["answer"]
     raw = record["meta"].get("answer_raw", gold)
@@ -171,6 +172,9 @@ def stated_answer(completion: str, record: dict[str, Any]) -> str | None:
     if gold.casefold() in ("yes", "no"):
         m = _YES_NO.search(text)
         return None if m is None else (m.group(1).capitalize() if gold[:1].isupper() else m.group(1).lower())
+    if gold and not re.search(r"\s", gold):  # one word (last-letter concatenation): read as Mentor-KD's evaluator
+        word = _NOT_IN_A_WORD.sub("", text)  # reads it, "y a a n" -> "yaan", and compared regardless of case
+        return gold if word.casefold() == gold.casefold() else word or None
     return text or None
 
 
