@@ -223,6 +223,10 @@ def test_convert_refuses_data_of_another_format_naming_it(tmp_path):
     for fmt in ("dss", "tinyllm", "fair"):
         with pytest.raises(FormatError, match="this is mentor-kd data"):
             convert(fmt, m, tmp_path / "o")
+    a = tmp_path / "augonly" / "data"
+    write_json(a / "prompt" / "svamp_6.json", [{"instruction": "q", "output": ["1"], "label": "1"}])
+    with pytest.raises(FormatError, match="this is mentor-kd data"):
+        convert("fair", tmp_path / "augonly", tmp_path / "o")
     f = tmp_path / "fairsrc"
     write_json(f / "Stu_svamp_false_round0.json", [{"id": 0, "question": "q", "gold_answer": "1"}])
     with pytest.raises(FormatError, match="this is fair data"):
@@ -300,6 +304,89 @@ def test_mentor_kd_last_letters_spelled_out_or_in_capitals_read_as_the_gold_word
     assert rec["teacher_answers"]["teacher"] == ["yaan", "yaan", "y,a,a,n", "yaan"]
     assert split_of(report, "last_letter_concatenation", "test").alignment[
         "main/last_letter_concatenation_test.json"]["completion_unreadable"] == 0
+
+
+LETTERS_Q = 'Take the last letters of each words in "Lucky Mireya" and concatenate them.'
+LETTERS_OUTPUTS = [
+    'Step 1: Lucky - y\nStep 2: Mireya - a\n\nConcatenating them, we get "ya".',
+    "1. Lucky - y\n2. Mireya - a\n\nPutting them all together, we get: ya",
+    'The last letters are "y" and "e", so the answer is "ye".',  # wrong
+    "",  # an empty output
+    "Let me think about the words first.",  # states no answer
+]
+
+
+def test_mentor_kd_aug_and_prompt_layouts_convert_without_skeleton(tmp_path):
+    """Mentor samples (aug/{model}/{d}_rand3_aug3.json) and six raw teacher outputs a question
+    (prompt/{d}_6.json, {instruction, output, label}) each carry the gold answer: a folder
+    holding only those converts, the gold read from them; the raw outputs are teacher chains,
+    kept when the answer they end with is the gold one."""
+    root = tmp_path / "repo" / "data"  # the repository's data/ folder, given as its parent
+    q = "Danny has 67 wrappers and 35 caps. How many more wrappers?\n"
+    sample = {"input": q, "answer": "32", "initial_correct": True}
+    write_json(root / "aug" / "flan-t5_large" / "svamp_rand3_aug3.json", [
+        sample | {"chain": "67 - 35 = 32.", "completion": "32.0"},
+        sample | {"chain": "67 + 35 = 102.", "completion": "102", "initial_correct": False},
+        {"input": "Sum 1,000 and 80?\n", "answer": "1,080", "initial_correct": True, "chain": "So 1080.",
+         "completion": "1080"}])
+    write_json(root / "prompt" / "last_letter_concatenation_6.json", [
+        {"instruction": LETTERS_Q, "output": LETTERS_OUTPUTS, "label": "ya"},
+        {"instruction": 'Take the last letters of each words in "Bo Al".', "output": [], "label": "ol"}])
+    out = tmp_path / "out"
+    report = convert("mentor-kd", tmp_path / "repo", out)
+    assert sorted((s.dataset, s.split) for s in report.splits) == [("last_letter_concatenation", "train"),
+                                                                  ("svamp", "train")]
+    first, second = records(out, "svamp", "train")
+    assert (first["question"], first["answer"]) == ("Danny has 67 wrappers and 35 caps. How many more wrappers?", "32")
+    assert first["rationales"] == {"mentor": ["67 - 35 = 32."]} and first["teacher_answers"] == {"mentor": ["32"]}
+    assert (second["answer"], second["meta"]["answer_raw"]) == ("1080", "1,080")
+    svamp = split_of(report, "svamp", "train")
+    assert svamp.gold_file == "aug/flan-t5_large/svamp_rand3_aug3.json" and "no skeleton" in svamp.layout
+    letters, empty = records(out, "last_letter_concatenation", "train")
+    assert (letters["question"], letters["answer"]) == (LETTERS_Q, "ya")
+    assert letters["rationales"] == {"teacher": [o.strip() for o in LETTERS_OUTPUTS[:2]]}
+    assert letters["teacher_answers"] == {"teacher": ["ya", "ya"]}
+    assert letters["provenance"]["teacher"]["samples"][1] == {
+        "where": "prompt/last_letter_concatenation_6.json:2", "output": 1, "correct": True, "answer": "ya"}
+    assert (empty["answer"], empty["rationales"]) == ("ol", {})
+    teacher = split_of(report, "last_letter_concatenation", "train").teachers["teacher"]
+    assert (teacher.read, teacher.kept) == (5, 2)
+    assert teacher.dropped == {"incorrect": 1, "empty": 1, "no answer": 1}
+
+
+def test_mentor_kd_layouts_join_when_several_are_present(tmp_path):
+    """With skeleton/ the gold comes from it; main/'s chains are the reference's pick of the
+    prompt/ outputs, so those are checked against the gold and not added twice; a bare copy
+    of the gold rows in main/ gives a split that skeleton/ lacks."""
+    root = tmp_path / "mentor-kd"
+    write_json(root / "skeleton" / "last_letter_concatenation_train.json", [{"input": LETTERS_Q, "answer": "ya"}])
+    write_json(root / "main" / "last_letter_concatenation_3_train.json", [
+        {"input": LETTERS_Q, "chain": LETTERS_OUTPUTS[1], "answer": "ya", "initial_correct": True}])
+    write_json(root / "prompt" / "last_letter_concatenation_6.json", [
+        {"instruction": LETTERS_Q, "output": LETTERS_OUTPUTS, "label": "yo"}])  # disagrees with skeleton/
+    write_json(root / "main" / "gsm8k_test.json", [{"input": "2+2?\n", "answer": "4"}])  # no skeleton/gsm8k_test
+    out = tmp_path / "out"
+    report = convert("mentor-kd", root, out)
+    (letters,) = records(out, "last_letter_concatenation", "train")
+    assert letters["rationales"] == {"teacher": [LETTERS_OUTPUTS[1]]}
+    rep = split_of(report, "last_letter_concatenation", "train")
+    assert rep.gold_file == "skeleton/last_letter_concatenation_train.json"
+    assert rep.alignment["prompt/last_letter_concatenation_6.json"]["answer_differs_from_gold"] == 1
+    assert any("prompt/last_letter_concatenation_6.json" in n and "main/" in n for n in rep.notes)
+    (gsm,) = records(out, "gsm8k", "test")
+    assert (gsm["question"], gsm["answer"]) == ("2+2?", "4")
+    assert split_of(report, "gsm8k", "test").gold_file == "main/gsm8k_test.json"
+
+
+def test_mentor_kd_refuses_only_what_is_unusable_naming_it(tmp_path):
+    root = tmp_path / "mentor-kd"
+    write_json(root / "prompt" / "date_understanding_6.json", [{"instruction": "When?", "output": ["(A)"]}])
+    with pytest.raises(FormatError, match=r"prompt/date_understanding_6.json:2: missing required field 'label'"):
+        convert("mentor-kd", root, tmp_path / "out")
+    empty = tmp_path / "nothing"
+    (empty / "skeleton").mkdir(parents=True)
+    with pytest.raises(FormatError, match=r"no Mentor-KD data found: expected skeleton/.*aug/.*prompt/"):
+        convert("mentor-kd", empty, tmp_path / "out2")
 
 
 # ------------------------------------------------------------------ FAIR: the four published datasets
