@@ -38,6 +38,9 @@ class ModelConfig:
     # with neither init nor tokenizer: train a SentencePiece BPE tokenizer of this many
     # pieces on the training records (the demos do; saved in RUN_DIR/tokenizer)
     train_tokenizer_vocab: Optional[int] = None
+    # more texts that tokenizer learns besides the records and the streams' targets (the
+    # recipes add the prefixes and target forms of streams their later stages train)
+    tokenizer_texts: list[str] = field(default_factory=list)
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64
@@ -131,6 +134,11 @@ class OptimConfig:
     grad_accum_steps: int = 1
     z_loss: float = 0.0
     label_smoothing: float = 0.0
+    # a run that continues another's schedule (FAIR's rounds after the warm-up): the learning
+    # rate of step s is the schedule's at schedule_offset + s, over schedule_steps in all
+    # (None: schedule_offset + train.steps)
+    schedule_offset: int = 0
+    schedule_steps: Optional[int] = None
 
 
 @dataclass

@@ -113,6 +113,29 @@ def format_input(record: dict[str, Any], prefix: str = "") -> str:
     return prefix + "\n".join(p for p in parts if p)
 
 
+# --------------------------------------------------------------------------- tokenizer text
+
+
+def tokenizer_corpus(records: Sequence[dict[str, Any]], streams: Sequence[StreamConfig],
+                     extra: Sequence[str] = ()) -> list[str]:
+    """Every text a tokenizer trained for these records and streams must read and write: the
+    student's inputs (with each stream's prefix), every answer, and every teacher stream's
+    targets in its own form ("{rationale} --> {answer}" included), then `extra`. A tokenizer
+    trained on these leaves no target without pieces of its own (no unknown token)."""
+    texts = [s.prefix for s in streams if s.prefix] + list(extra)
+    texts += [render_target(s.target, "", "") for s in streams if s.teacher is not None and s.target != DEFAULT_TARGET]
+    for r in records:
+        texts.append(format_input(r))
+        texts.append(r["answer"])
+        texts.extend(a for answers in r.get("teacher_answers", {}).values() for a in answers)
+        for stream in streams:
+            if stream.teacher is not None:
+                texts.extend(render_target(stream.target, x, r["answer"]) for x in r.get("rationales", {}).get(stream.teacher, []))
+        named = {s.teacher for s in streams}
+        texts.extend(x for t, xs in r.get("rationales", {}).items() if t not in named for x in xs)
+    return texts
+
+
 # --------------------------------------------------------------------------- examples
 
 

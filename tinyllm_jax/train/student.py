@@ -68,15 +68,16 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
 
 
 def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
-    from tinyllm_jax.data.demo import DEMO_PHRASES, demo_texts
+    from tinyllm_jax.data.demo import DEMO_PHRASES
     from tinyllm_jax.data.records import read_jsonl
+    from tinyllm_jax.data.streams import tokenizer_corpus
     from tinyllm_jax.model.tokenizer import train_sentencepiece
 
     records, _ = read_jsonl(cfg.data.train[0])
-    extra = [s.prefix for s in cfg.data.streams]
-    if cfg.model.train_tokenizer_vocab:  # a recipe's later stages also train on the demo teachers' feedback
-        extra += list(DEMO_PHRASES)
-    texts = demo_texts(records, extra=extra)
+    extra = list(cfg.model.tokenizer_texts)
+    if cfg.demo or any(r["id"].startswith("demo-") for r in records[:1]):
+        extra += list(DEMO_PHRASES)  # what the demo teachers say in feedback and reviews
+    texts = tokenizer_corpus(records, cfg.data.streams, extra=extra)
     # BPE: on a corpus this small, unigram stops near single characters
     vocab = cfg.model.train_tokenizer_vocab or int(cfg.demo.get("vocab_size", 256))
     return train_sentencepiece(texts, tok_dir, vocab_size=vocab, model_type="bpe")
