@@ -115,7 +115,7 @@ def teacher_stage(cfg: RecipeConfig, run_dir: Path, rd: str, kind: str, template
         return _rationales_config(cfg, [mistakes], out, template, teachers, sampling)
 
     def run() -> dict[str, Any]:
-        return _collect(rcfg(), kind)
+        return _collect(rcfg(), "feedback" if kind == "feedback" else "rationale")
 
     def plan() -> str:
         asked = rcfg().rationales.teachers
