@@ -252,7 +252,7 @@ def score_stream(run_path: Path, stream: str, max_new_tokens: int = 64) -> float
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, stream=stream, max_new_tokens=max_new_tokens),
                               train=dataclasses.replace(cfg.train, progress=False))
     model = load_run(run_path)
-    return Evaluation(cfg, model.t5cfg, model.tokenizer).run(jax.device_put(model.params), "test")["accuracy"]
+    return Evaluation(cfg, model.arch, model.tokenizer).run(jax.device_put(model.params), "test")["accuracy"]
 
 
 def curve(run_path: Path) -> list[list[float]]:

@@ -25,7 +25,7 @@ class LoadedModel:
     """Host (numpy) parameters with their architecture and tokenizer; `step` is the run
     checkpoint they came from (None for an HF model)."""
 
-    t5cfg: T5Config
+    arch: T5Config
     params: Any
     tokenizer: Any
     source: str
@@ -73,14 +73,14 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedModel:
     from tinyllm_jax.runtime.checkpoint import Checkpointer
 
     run_dir = Path(run_dir)
-    t5cfg = run_model_config(run_dir)
+    arch = run_model_config(run_dir)
     step = selected_step(run_dir, step)
     ckpt = Checkpointer(run_dir / "checkpoints", load_config(run_dir / "config.yaml").checkpoint, read_only=True)
     try:
         params = ckpt.restore_params(step)
     finally:
         ckpt.close()
-    return LoadedModel(t5cfg, params, load_tokenizer(str(run_dir / "tokenizer")), str(run_dir), step)
+    return LoadedModel(arch, params, load_tokenizer(str(run_dir / "tokenizer")), str(run_dir), step)
 
 
 def load_model(name_or_path: str, step: int | None = None, tokenizer: bool = True) -> LoadedModel:
@@ -91,8 +91,8 @@ def load_model(name_or_path: str, step: int | None = None, tokenizer: bool = Tru
         raise UserError(f"{name_or_path}: a checkpoint step applies to a training run directory only")
     from tinyllm_jax.model.hf import load_pretrained
 
-    _, params, tok, t5cfg = load_pretrained(name_or_path, tokenizer=tokenizer)
-    return LoadedModel(t5cfg, params, tok, name_or_path)
+    _, params, tok, arch = load_pretrained(name_or_path, tokenizer=tokenizer)
+    return LoadedModel(arch, params, tok, name_or_path)
 
 
 def export_command(src: str, out_dir: str, step: int | None = None) -> Path:
@@ -101,7 +101,7 @@ def export_command(src: str, out_dir: str, step: int | None = None) -> Path:
     from tinyllm_jax.model.hf import save_pretrained
 
     model = load_model(src, step)
-    out = save_pretrained(model.params, model.t5cfg.replace(dtype="float32"), out_dir, model.tokenizer)
+    out = save_pretrained(model.params, model.arch.replace(dtype="float32"), out_dir, model.tokenizer)
     what = f"{src} step {model.step}" if model.step is not None else src
     print(f"exported {what} to {out} ({sum(1 for _ in out.iterdir())} files)")
     return out

@@ -291,7 +291,7 @@ def evaluate_run(run_path: Path, out: Path, split: str = "test") -> dict[str, An
     if has_split(cfg.data, split):
         mesh = sharding.make_mesh(cfg.mesh)
         params = jax.device_put(model.params, sharding.replicated(mesh))
-        result = Evaluation(cfg, model.t5cfg, model.tokenizer, mesh).run(params, split, out, model.step)
+        result = Evaluation(cfg, model.arch, model.tokenizer, mesh).run(params, split, out, model.step)
         summary.update({f"{split}_accuracy": result["accuracy"], f"{split}_n": result["n"],
                         f"{split}_extracted": result["extracted"]})
     else:

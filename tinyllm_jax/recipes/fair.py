@@ -211,7 +211,7 @@ def mine_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None) -
         if f.mine_temperature > 0:
             sampling = {"temperature": f.mine_temperature, "top_p": f.mine_top_p,
                         "seed": f"{f.seed}/{rd}"}
-        rows = Evaluation(tcfg, model.t5cfg, model.tokenizer, mesh).predict(params, "train", sampling)
+        rows = Evaluation(tcfg, model.arch, model.tokenizer, mesh).predict(params, "train", sampling)
         write_jsonl(out / "predictions.jsonl", rows)
         records = {r["id"]: r for r in read_jsonl(common.read_manifest(data)["train"])[0]}
         mistakes = [{**records[row["id"]], "rationales": {},

@@ -46,12 +46,12 @@ class NonFiniteLoss(UserError):
 # --------------------------------------------------------------------------- the step
 
 
-def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_loss: float,
+def make_loss_fn(arch: T5Config, weights: jax.Array, label_smoothing: float, z_loss: float,
                  kd: KDSpec | None = None) -> Callable:
     """(params, batch, counts_S, rng) -> (total, per-stream CE sums). With `kd` the function
     takes the teacher's parameters last, runs the teacher on the same packed batch and
     returns (total, (CE sums, KD divergence sums)), total including kd.weight * KD."""
-    model = T5(t5cfg, deterministic=t5cfg.dropout_rate == 0.0)
+    model = T5(arch, deterministic=arch.dropout_rate == 0.0)
     num_streams = weights.shape[0]
 
     def student(params, batch, rng):
@@ -82,7 +82,7 @@ def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_
     return kd_loss_fn
 
 
-def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def make_train_step(arch: T5Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     weights: np.ndarray, accum_steps: int, seed: int, label_smoothing: float = 0.0,
                     z_loss: float = 0.0, prng_impl: str = "threefry2x32", kd: KDSpec | None = None) -> Callable:
     """state, batch -> state, metrics. With `accum_steps` > 1 every batch array has a
@@ -90,7 +90,7 @@ def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule:
     With `kd`: state, batch, teacher_params -> state, metrics (metrics gain `kd_loss`)."""
     weights = jnp.asarray(weights, jnp.float32)
     num_streams = weights.shape[0]
-    loss_fn = make_loss_fn(t5cfg, weights, label_smoothing, z_loss, kd)
+    loss_fn = make_loss_fn(arch, weights, label_smoothing, z_loss, kd)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     base_key = jax.random.key(seed, impl=prng_impl)
 
@@ -138,7 +138,7 @@ class Trainer:
     """The sharded state and the compiled step of one run."""
 
     cfg: Config
-    t5cfg: T5Config
+    arch: T5Config
     mesh: jax.sharding.Mesh
     stream_names: list[str]
     state: dict[str, Any] = None
@@ -149,11 +149,11 @@ class Trainer:
     jitted_step: Callable = None  # (state, batch[, teacher params]) -> (state, metrics)
 
     @classmethod
-    def create(cls, cfg: Config, t5cfg: T5Config, mesh, stream_names, weights, imported_params=None,
+    def create(cls, cfg: Config, arch: T5Config, mesh, stream_names, weights, imported_params=None,
                teacher: Teacher | None = None) -> "Trainer":
-        self = cls(cfg, t5cfg, mesh, list(stream_names), teacher=teacher)
+        self = cls(cfg, arch, mesh, list(stream_names), teacher=teacher)
         rules = sharding.logical_rules(cfg.mesh)
-        model = T5(t5cfg)
+        model = T5(arch)
         dummy = jnp.ones((1, 8), jnp.int32)
         init = lambda key: model.init(key, dummy, dummy)["params"]  # noqa: E731
         boxed = jax.eval_shape(init, jax.random.key(cfg.train.seed))
@@ -170,8 +170,8 @@ class Trainer:
                                 "opt_state": opt_shardings}
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         self.state = jax.device_put(state, self.state_shardings)
-        kd = None if teacher is None else kd_spec(cfg.distill, teacher.t5cfg, self.stream_names)
-        step = make_train_step(t5cfg, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
+        kd = None if teacher is None else kd_spec(cfg.distill, teacher.arch, self.stream_names)
+        step = make_train_step(arch, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
                                cfg.optim.label_smoothing, cfg.optim.z_loss, cfg.train.prng_impl, kd)
         lead = 1 if cfg.optim.grad_accum_steps > 1 else 0
         bs = sharding.put_batch_shardings(mesh, lead)
@@ -313,11 +313,11 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
         cfg = prepare_demo_data(cfg, run_dir)
         _warn_on_changed_config(cfg, run_dir)
         save_config(cfg, run_dir / "config.yaml")
-        t5cfg, tokenizer, imported = build_student(cfg, run_dir)
+        arch, tokenizer, imported = build_student(cfg, run_dir)
     distributed.barrier("run directory written")
     if not primary:
         cfg = prepare_demo_data(cfg, run_dir, write=False)
-        t5cfg, tokenizer, imported = build_student(cfg, run_dir, write=False)
+        arch, tokenizer, imported = build_student(cfg, run_dir, write=False)
     mesh = sharding.make_mesh(cfg.mesh)
     if cfg.train.batch_size % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
         from tinyllm_jax.config import ConfigError
@@ -340,8 +340,8 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
                           f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
     stream_names = [s.name for s in cfg.data.streams]
-    teacher = load_teacher(cfg, t5cfg, tokenizer, mesh) if cfg.distill.teacher else None
-    trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), imported, teacher)
+    teacher = load_teacher(cfg, arch, tokenizer, mesh) if cfg.distill.teacher else None
+    trainer = Trainer.create(cfg, arch, mesh, stream_names, stream_weights(cfg.data.streams), imported, teacher)
     del imported, teacher
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
@@ -351,7 +351,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
         data.restore(data_state)
         log.info("resumed from step %d", start)
     metrics_log = MetricsLog(run_dir, resume_step=start if start else None)
-    evaluator = _make_evaluator(cfg, t5cfg, tokenizer, mesh, run_dir, metrics_log)
+    evaluator = _make_evaluator(cfg, arch, tokenizer, mesh, run_dir, metrics_log)
 
     peak = peak_flops_per_device()
     flops_of_shape: dict[tuple[int, int, int], float] = {}  # long batches have more attention FLOPs
@@ -360,7 +360,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
         B, Le = batch["encoder_input_tokens"].shape
         key = (B * num_blocks // len(blocks), Le, batch["decoder_input_tokens"].shape[1])
         if key not in flops_of_shape:
-            flops_of_shape[key] = train_flops_per_step(t5cfg, *key)
+            flops_of_shape[key] = train_flops_per_step(arch, *key)
         return flops_of_shape[key]
 
     total = cfg.train.steps
@@ -464,14 +464,14 @@ def _summary_line(result: dict[str, Any], summary: Path, metric: str) -> str:
     return f"trained {result['steps']} steps: {chosen}{tested}; summary: {summary}"
 
 
-def _make_evaluator(cfg: Config, t5cfg: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
+def _make_evaluator(cfg: Config, arch: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
     """params, step, split -> metrics dict (logged), or None when there is nothing to evaluate."""
     from tinyllm_jax.data.sources import has_split
 
     if not has_split(cfg.data, "validation") and not has_split(cfg.data, "test"):
         return None
 
-    evaluation = Evaluation(cfg, t5cfg, tokenizer, mesh)
+    evaluation = Evaluation(cfg, arch, tokenizer, mesh)
     for split in ("validation", "test"):  # read and checked now: a bad file fails in seconds, not hours
         if has_split(cfg.data, split):
             evaluation._inputs(split)

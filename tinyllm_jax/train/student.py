@@ -41,10 +41,10 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
 
         loaded = load_model(m.init, tokenizer=m.tokenizer is None)
         params, tokenizer = loaded.params, loaded.tokenizer
-        t5cfg = loaded.t5cfg.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
+        arch = loaded.arch.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
     else:
         shared = {f.name: getattr(m, f.name) for f in dataclasses.fields(T5Config) if hasattr(m, f.name)}
-        t5cfg = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
+        arch = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
         tokenizer = None
     if m.tokenizer:
         from tinyllm_jax.model.tokenizer import load_tokenizer
@@ -59,12 +59,12 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
     elif tokenizer is None:
         raise ConfigError("model.tokenizer: required when model.init is not set (an HF tokenizer directory or hub id; "
                           "or model.train_tokenizer_vocab to train one on the training records)")
-    if len(tokenizer) > t5cfg.vocab_size:
-        raise ConfigError(f"model.vocab_size={t5cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    if len(tokenizer) > arch.vocab_size:
+        raise ConfigError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     if write:
         tokenizer.save_pretrained(str(tok_dir))
-        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(t5cfg), indent=2))
-    return t5cfg, tokenizer, params
+        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(arch), indent=2))
+    return arch, tokenizer, params
 
 
 def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
