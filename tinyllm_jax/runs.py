@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from tinyllm_jax.errors import UserError
-from tinyllm_jax.model.t5 import T5Config
 
 
 @dataclass
@@ -25,7 +24,7 @@ class LoadedModel:
     """Host (numpy) parameters with their architecture and tokenizer; `step` is the run
     checkpoint they came from (None for an HF model)."""
 
-    arch: T5Config
+    arch: Any  # the architecture, of either family (model/family.py)
     params: Any
     tokenizer: Any
     source: str
@@ -37,11 +36,14 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "model_config.json").is_file()
 
 
-def run_model_config(run_dir: str | Path) -> T5Config:
+def run_model_config(run_dir: str | Path) -> Any:
+    """The run's student architecture (either family: model/family.py)."""
+    from tinyllm_jax.model.family import arch_from_json
+
     path = Path(run_dir) / "model_config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a training run directory (no model_config.json); train first or set run_dir=")
-    return T5Config(**json.loads(path.read_text()))
+    return arch_from_json(path.read_text(), str(path))
 
 
 def selected_step(run_dir: str | Path, step: int | None = None) -> int:
@@ -89,16 +91,16 @@ def load_model(name_or_path: str, step: int | None = None, tokenizer: bool = Tru
         return load_run(name_or_path, step)
     if step is not None:
         raise UserError(f"{name_or_path}: a checkpoint step applies to a training run directory only")
-    from tinyllm_jax.model.hf import load_pretrained
+    from tinyllm_jax.model.family import load_pretrained
 
-    _, params, tok, arch = load_pretrained(name_or_path, tokenizer=tokenizer)
+    params, arch, tok = load_pretrained(name_or_path, tokenizer=tokenizer)
     return LoadedModel(arch, params, tok, name_or_path)
 
 
 def export_command(src: str, out_dir: str, step: int | None = None) -> Path:
     """`tinyllm export`: a training run (its selected checkpoint, or `step`), an HF
-    directory or a hub id, written as an HF T5 checkpoint."""
-    from tinyllm_jax.model.hf import save_pretrained
+    directory or a hub id, written as an HF checkpoint of its family (T5, or a causal LM)."""
+    from tinyllm_jax.model.family import save_pretrained
 
     model = load_model(src, step)
     out = save_pretrained(model.params, model.arch.replace(dtype="float32"), out_dir, model.tokenizer)

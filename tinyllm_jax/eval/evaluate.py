@@ -20,7 +20,6 @@ import numpy as np
 
 from tinyllm_jax.config import Config, ConfigError
 from tinyllm_jax.errors import UserError
-from tinyllm_jax.model.t5 import T5Config
 from tinyllm_jax.runtime.seeds import stable_seed
 from tinyllm_jax.runtime import sharding
 
@@ -51,7 +50,7 @@ def eval_stream(cfg: Config):
 class Evaluation:
     """Holds a split's tokenised inputs, so repeated evaluations during training only decode."""
 
-    def __init__(self, cfg: Config, arch: T5Config, tokenizer, mesh=None):
+    def __init__(self, cfg: Config, arch: Any, tokenizer, mesh=None):
         self.cfg, self.arch, self.tokenizer, self.mesh = cfg, arch, tokenizer, mesh
         self._splits: dict[str, tuple[list[dict], list[np.ndarray]]] = {}
         self._local_mesh = None
@@ -64,9 +63,14 @@ class Evaluation:
             records, _ = load_split(self.cfg.data, split)
             if self.cfg.eval.max_examples and split == "validation":
                 records = records[: self.cfg.eval.max_examples]
+            from tinyllm_jax.data.streams import prompt_of
+            from tinyllm_jax.model.family import family_of
+
             stream = eval_stream(self.cfg)
+            causal = family_of(self.arch).layout == "causal"
             ex = build_examples(records, [stream], self.tokenizer, self.cfg.data.max_input_length,
-                                self.cfg.data.max_target_length, "gold", self.cfg.data.lenient)
+                                self.cfg.data.max_target_length, "gold", self.cfg.data.lenient,
+                                prompt=prompt_of(self.cfg.data, causal))
             kept = [records[int(i)] for i in ex.record_index]
             inputs = [ex.enc(i) for i in range(len(ex))]
             longest = max(len(ex.dec(i)) for i in range(len(ex)))

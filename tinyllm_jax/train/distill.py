@@ -21,7 +21,8 @@ import numpy as np
 
 from tinyllm_jax.config import Config, ConfigError, DistillConfig
 from tinyllm_jax.errors import UserError
-from tinyllm_jax.model.t5 import T5, T5Config
+from tinyllm_jax.model.family import family_of
+from tinyllm_jax.model.t5 import T5Config
 from tinyllm_jax.runtime import sharding
 
 log = logging.getLogger("tinyllm.distill")
@@ -83,8 +84,7 @@ def place_teacher(arch: T5Config, host_params: Any, mesh: jax.sharding.Mesh, rul
     """Host parameters -> a Teacher on `mesh`: cast to `dtype`, sharded by the logical
     `rules` exactly as a student of this architecture would be."""
     arch = arch.replace(dtype=dtype, remat="none")  # forward only: nothing to recompute
-    dummy = jnp.ones((1, 8), jnp.int32)
-    boxed = jax.eval_shape(lambda k: T5(arch).init(k, dummy, dummy)["params"], jax.random.key(0))
+    boxed = jax.eval_shape(lambda k: family_of(arch).init(arch, k), jax.random.key(0))
     shardings = sharding.param_shardings(boxed, mesh, rules)
     cast = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), host_params)
     return Teacher(arch, jax.device_put(cast, shardings), shardings, source, step)
@@ -127,6 +127,10 @@ def load_teacher(cfg: Config, student_cfg: T5Config, student_tokenizer, mesh: ja
     else:
         model = load_model(src, tokenizer=False)
         tokenizer = _hf_tokenizer_if_any(src)
+    if family_of(model.arch).name != family_of(student_cfg).name:
+        raise UserError(f"distill.teacher={src}: a {family_of(model.arch).name} teacher cannot teach a "
+                        f"{family_of(student_cfg).name} student in one step (they read different batches); "
+                        "use a teacher of the student's family")
     check_vocabulary(model.arch, tokenizer, student_cfg, student_tokenizer, src)
     teacher = place_teacher(model.arch, model.params, mesh, sharding.logical_rules(cfg.mesh), cfg.distill.dtype,
                             src, model.step)

@@ -26,7 +26,7 @@ from flax import linen as nn
 from tinyllm_jax.config import Config, save_config
 from tinyllm_jax.errors import UserError
 from tinyllm_jax.eval.evaluate import Evaluation
-from tinyllm_jax.model.t5 import T5, T5Config
+from tinyllm_jax.model.family import family_of
 from tinyllm_jax.train import loss as loss_lib
 from tinyllm_jax.train.distill import KDSpec, Teacher, kd_spec, load_teacher
 from tinyllm_jax.runtime import sharding
@@ -36,7 +36,6 @@ from tinyllm_jax.train.optim import make_optimizer
 
 log = logging.getLogger("tinyllm.train")
 
-MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids")
 
 
 class NonFiniteLoss(UserError):
@@ -46,18 +45,20 @@ class NonFiniteLoss(UserError):
 # --------------------------------------------------------------------------- the step
 
 
-def make_loss_fn(arch: T5Config, weights: jax.Array, label_smoothing: float, z_loss: float,
+def make_loss_fn(arch: Any, weights: jax.Array, label_smoothing: float, z_loss: float,
                  kd: KDSpec | None = None) -> Callable:
-    """(params, batch, counts_S, rng) -> (total, per-stream CE sums). With `kd` the function
-    takes the teacher's parameters last, runs the teacher on the same packed batch and
-    returns (total, (CE sums, KD divergence sums)), total including kd.weight * KD."""
-    model = T5(arch, deterministic=arch.dropout_rate == 0.0)
+    """(params, batch, counts_S, rng) -> (total, per-stream CE sums), for a student of either
+    family. With `kd` the function takes the teacher's parameters last, runs the teacher on
+    the same packed batch and returns (total, (CE sums, KD divergence sums)), total including
+    kd.weight * KD."""
+    family = family_of(arch)
+    model = family.module(arch, arch.dropout_rate == 0.0)
     num_streams = weights.shape[0]
 
     def student(params, batch, rng):
-        logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), rngs={"dropout": rng})
+        logits = model.apply({"params": params}, *(batch[k] for k in family.model_inputs), rngs={"dropout": rng})
         tokens = loss_lib.token_losses(logits, batch["decoder_target_tokens"], label_smoothing, z_loss)
-        sums_S = loss_lib.stream_sums(tokens, batch["decoder_stream_ids"], batch["decoder_segment_ids"] > 0, num_streams)
+        sums_S = loss_lib.stream_sums(tokens, batch["decoder_stream_ids"], loss_lib.loss_mask(batch), num_streams)
         return logits, sums_S
 
     def loss_fn(params, batch, counts_S, rng):
@@ -67,14 +68,14 @@ def make_loss_fn(arch: T5Config, weights: jax.Array, label_smoothing: float, z_l
 
     if kd is None:
         return loss_fn
-    teacher = T5(kd.teacher_cfg, deterministic=True)
+    teacher = family_of(kd.teacher_cfg).module(kd.teacher_cfg, True)  # the student's family: it reads the same batch
 
     def kd_loss_fn(params, batch, counts_S, rng, teacher_params):
         logits, sums_S = student(params, batch, rng)
         teacher_logits = jax.lax.stop_gradient(
-            teacher.apply({"params": teacher_params}, *(batch[k] for k in MODEL_INPUTS)))
+            teacher.apply({"params": teacher_params}, *(batch[k] for k in family.model_inputs)))
         div = loss_lib.token_divergences(logits, teacher_logits, kd.divergence, kd.temperature, kd.jsd_beta)
-        kd_sums_S = loss_lib.stream_sums(div, batch["decoder_stream_ids"], batch["decoder_segment_ids"] > 0, num_streams)
+        kd_sums_S = loss_lib.stream_sums(div, batch["decoder_stream_ids"], loss_lib.loss_mask(batch), num_streams)
         total, _ = loss_lib.weighted_loss(sums_S, counts_S, weights)
         total = total + kd.weight * kd.scale * loss_lib.kd_mean(kd_sums_S, counts_S, kd.streams_S())
         return total, (sums_S, kd_sums_S)
@@ -82,7 +83,7 @@ def make_loss_fn(arch: T5Config, weights: jax.Array, label_smoothing: float, z_l
     return kd_loss_fn
 
 
-def make_train_step(arch: T5Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def make_train_step(arch: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     weights: np.ndarray, accum_steps: int, seed: int, label_smoothing: float = 0.0,
                     z_loss: float = 0.0, prng_impl: str = "threefry2x32", kd: KDSpec | None = None) -> Callable:
     """state, batch -> state, metrics. With `accum_steps` > 1 every batch array has a
@@ -121,7 +122,7 @@ def make_train_step(arch: T5Config, tx: optax.GradientTransformation, schedule: 
         metrics = {
             "loss": total, "stream_loss": means_S, "stream_tokens": counts_S,
             "grad_norm": optax.global_norm(grads), "lr": schedule(step),
-            "real_tokens": jnp.sum(flat["encoder_segment_ids"] > 0) + jnp.sum(flat["decoder_segment_ids"] > 0),
+            "real_tokens": sum(jnp.sum(flat[k] > 0) for k in family_of(arch).real_token_keys),
         }
         if kd is not None:
             metrics["kd_loss"] = kd_value  # the divergence, before weight and T^2
@@ -138,7 +139,7 @@ class Trainer:
     """The sharded state and the compiled step of one run."""
 
     cfg: Config
-    arch: T5Config
+    arch: Any  # the student's architecture, of either family (model/family.py)
     mesh: jax.sharding.Mesh
     stream_names: list[str]
     state: dict[str, Any] = None
@@ -149,13 +150,11 @@ class Trainer:
     jitted_step: Callable = None  # (state, batch[, teacher params]) -> (state, metrics)
 
     @classmethod
-    def create(cls, cfg: Config, arch: T5Config, mesh, stream_names, weights, imported_params=None,
+    def create(cls, cfg: Config, arch: Any, mesh, stream_names, weights, imported_params=None,
                teacher: Teacher | None = None) -> "Trainer":
         self = cls(cfg, arch, mesh, list(stream_names), teacher=teacher)
         rules = sharding.logical_rules(cfg.mesh)
-        model = T5(arch)
-        dummy = jnp.ones((1, 8), jnp.int32)
-        init = lambda key: model.init(key, dummy, dummy)["params"]  # noqa: E731
+        init = lambda key: family_of(arch).init(arch, key)  # noqa: E731
         boxed = jax.eval_shape(init, jax.random.key(cfg.train.seed))
         self.param_shardings = sharding.param_shardings(boxed, mesh, rules)
         if imported_params is not None:
@@ -190,7 +189,8 @@ class Trainer:
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         a = self.cfg.optim.grad_accum_steps
-        batch = {k: batch[k] for k in (*MODEL_INPUTS, "decoder_target_tokens", "decoder_stream_ids")}
+        keys = (*family_of(self.arch).model_inputs, "decoder_target_tokens", "decoder_stream_ids", "decoder_loss_weights")
+        batch = {k: batch[k] for k in dict.fromkeys(keys) if k in batch}
         if a > 1:
             batch = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
         return sharding.put_batch(batch, self.mesh, leading=1 if a > 1 else 0)
@@ -299,7 +299,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     is False (the recipes score it in a stage of their own)."""
     from tqdm.auto import tqdm
 
-    from tinyllm_jax.data.packing import PackedIterator, RowShare
+    from tinyllm_jax.data.packing import CAUSAL, PackedIterator, RowShare, layout_of, row_lengths
     from tinyllm_jax.data.streams import examples_for_split, stream_weights
     from tinyllm_jax.model.tokenizer import check_coverage
     from tinyllm_jax.runtime import distributed
@@ -324,18 +324,20 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
 
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp "
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
-    examples = examples_for_split(cfg.data, "train", tokenizer)
+    family = family_of(arch)
+    layout = layout_of(family.layout)
+    examples = examples_for_split(cfg.data, "train", tokenizer, causal=layout is CAUSAL)
     check_coverage(tokenizer, examples)  # a tokenizer that cannot read the data stops here
     blocks, num_blocks = sharding.process_row_blocks(mesh)  # this process's rows of each batch
-    data = PackedIterator(examples, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length,
+    data = PackedIterator(examples, cfg.train.batch_size, *row_lengths(cfg.data, layout),
                           seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row,
-                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps))
+                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps), layout=layout)
     long_rows = cfg.train.batch_size // data.long_factor
     if long_rows % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
         from tinyllm_jax.config import ConfigError
 
-        raise ConfigError(f"{data.long_examples} training examples are longer than data.encoder_length / "
-                          f"data.decoder_length and train in long batches of train.batch_size / {data.long_factor} "
+        raise ConfigError(f"{data.long_examples} training examples are longer than {' / '.join(dict.fromkeys(layout.length_keys))} "
+                          f"and train in long batches of train.batch_size / {data.long_factor} "
                           f"= {long_rows} rows, which must be divisible by data x fsdp "
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
                           f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
@@ -357,10 +359,11 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     flops_of_shape: dict[tuple[int, int, int], float] = {}  # long batches have more attention FLOPs
 
     def flops(batch: dict[str, Any]) -> float:
-        B, Le = batch["encoder_input_tokens"].shape
-        key = (B * num_blocks // len(blocks), Le, batch["decoder_input_tokens"].shape[1])
+        rows = batch["decoder_input_tokens"].shape[0] * num_blocks // len(blocks)
+        key = (rows, *(batch[k].shape[1] for k in dict.fromkeys(("encoder_input_tokens", "decoder_input_tokens"))
+                       if k in batch))
         if key not in flops_of_shape:
-            flops_of_shape[key] = train_flops_per_step(arch, *key)
+            flops_of_shape[key] = family.flops(arch, *key)
         return flops_of_shape[key]
 
     total = cfg.train.steps
@@ -464,7 +467,7 @@ def _summary_line(result: dict[str, Any], summary: Path, metric: str) -> str:
     return f"trained {result['steps']} steps: {chosen}{tested}; summary: {summary}"
 
 
-def _make_evaluator(cfg: Config, arch: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
+def _make_evaluator(cfg: Config, arch: Any, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
     """params, step, split -> metrics dict (logged), or None when there is nothing to evaluate."""
     from tinyllm_jax.data.sources import has_split
 

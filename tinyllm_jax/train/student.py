@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tinyllm_jax.config import Config, ConfigError
+from tinyllm_jax.config import Config, ConfigError, ModelConfig
+from tinyllm_jax.model.family import arch_to_json
 from tinyllm_jax.model.t5 import T5Config
 
 
@@ -42,10 +43,12 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
         loaded = load_model(m.init, tokenizer=m.tokenizer is None)
         params, tokenizer = loaded.params, loaded.tokenizer
         arch = loaded.arch.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
-    else:
+    elif m.family == "t5":
         shared = {f.name: getattr(m, f.name) for f in dataclasses.fields(T5Config) if hasattr(m, f.name)}
         arch = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
         tokenizer = None
+    else:
+        arch, tokenizer = None, None  # a decoder-only student: built once its tokenizer's special ids are known
     if m.tokenizer:
         from tinyllm_jax.model.tokenizer import load_tokenizer
 
@@ -59,12 +62,33 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
     elif tokenizer is None:
         raise ConfigError("model.tokenizer: required when model.init is not set (an HF tokenizer directory or hub id; "
                           "or model.train_tokenizer_vocab to train one on the training records)")
+    if arch is None:
+        arch = decoder_from_scratch(m, tokenizer)
     if len(tokenizer) > arch.vocab_size:
         raise ConfigError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     if write:
         tokenizer.save_pretrained(str(tok_dir))
-        (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(arch), indent=2))
+        (run_dir / "model_config.json").write_text(arch_to_json(arch))
     return arch, tokenizer, params
+
+
+def decoder_from_scratch(m: ModelConfig, tokenizer) -> Any:
+    """A decoder-only architecture (`model.family`: llama, mistral, qwen2, qwen3) from the
+    model section's sizes, with its tokenizer's special ids."""
+    from tinyllm_jax.model.decoder import DecoderConfig
+    from tinyllm_jax.errors import UserError
+
+    try:
+        return DecoderConfig(
+            vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads, model_type=m.family,
+            head_dim=m.d_kv, rms_norm_eps=m.layer_norm_epsilon, rope_theta=m.rope_theta,
+            max_position_embeddings=m.max_position_embeddings, attention_bias=m.family == "qwen2",
+            qk_norm=m.family == "qwen3", tie_word_embeddings=m.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
+            pad_token_id=tokenizer.pad_token_id, dropout_rate=m.dropout_rate, dtype=m.dtype, remat=m.remat)
+    except UserError as e:
+        raise ConfigError(f"model (family {m.family}): {e}") from None
 
 
 def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
