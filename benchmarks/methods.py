@@ -82,6 +82,7 @@ PLAN = {
     "student": {"d_model": 128, "d_kv": 32, "d_ff": 512, "num_layers": 3, "num_decoder_layers": 3, "num_heads": 4},
     "mentor": {"d_model": 256, "d_ff": 1024, "num_heads": 8},
     "rows": {"batch_size": 16, "encoder_length": 64, "decoder_length": 64},
+    "tokenizer_numbers": "whole",
     "steps": 1200,
     "mentor_steps": 1500,
     "fair": {"warmup_steps": 800, "replay": 1.0},
@@ -135,7 +136,7 @@ def prepare(work: Path, plan: dict[str, Any]) -> dict[str, Path]:
         streams = [StreamConfig(**s) for s in (ANSWER, CAREFUL, TERSE, {**CHAINS, "teacher": "careful"},
                                                {**CHAINS, "name": "c2", "teacher": "terse"}, *FAIR_STREAMS)]
         texts = tokenizer_corpus(read_jsonl(paths["train"])[0], streams, extra=list(DEMO_PHRASES))
-        train_sentencepiece(texts, tok, vocab_size=256, model_type="bpe")
+        train_sentencepiece(texts, tok, vocab_size=256, model_type="bpe", numbers=plan.get("tokenizer_numbers", "whole"))
     paths["tokenizer"] = tok
     return paths
 

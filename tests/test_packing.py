@@ -261,3 +261,21 @@ def test_tokenized_examples_pack_end_to_end(spm_tokenizer):
     batches = epoch(ex, batch_size=2, encoder_length=256, decoder_length=128)
     assert Counter(s for b in batches for s in segments(b)) == example_set(ex)
     assert max(b["decoder_stream_ids"].max() for b in batches) == 2
+
+
+def test_long_batches_when_few_ordinary_examples_are_left_to_top_them_up():
+    """Most examples too long for a row: the long batches' padding rows outnumber the ordinary
+    examples that could top them up, and the spare rows stay empty (it raised 'an example is
+    longer than a row' once the pool ran dry)."""
+    from tinyllm_jax.data.streams import Examples
+
+    enc = [90] * 46 + [10] * 48
+    dec = [90] * 46 + [10] * 48
+    offsets = lambda n: np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    ex = Examples(np.ones(sum(enc), np.int32), offsets(enc), np.ones(sum(dec), np.int32), offsets(dec),
+                  np.zeros(94, np.int32), np.arange(94, dtype=np.int32), ["s"], [str(i) for i in range(94)])
+    it = PackedIterator(ex, 16, 64, 64, seed=0, num_epochs=1, process_index=0, process_count=1)
+    batches = list(it)
+    assert batches and all(np.isfinite(b["decoder_segment_ids"]).all() for b in batches)
+    rows, longs = it.epoch_plan(0)
+    assert sorted(np.concatenate([*rows, *[r for lb in longs for r in lb]]).tolist()) == list(range(94))

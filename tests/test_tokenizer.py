@@ -47,9 +47,14 @@ def test_bpe_pieces_are_the_merged_ones(tmp_path, demo_corpus):
     assert hf.tokenize("So the answer is") == ["▁So", "▁the", "▁answer", "▁is"]
 
 
-def test_a_rationales_final_answer_has_the_answer_streams_pieces(tmp_path, demo_corpus):
+@pytest.mark.parametrize("numbers", ["whole", "digits"])
+def test_a_rationales_final_answer_has_the_answer_streams_pieces(tmp_path, demo_corpus, numbers):
     records, texts = demo_corpus
-    tok = train_sentencepiece(texts, tmp_path, vocab_size=256, model_type="bpe")
+    tok = train_sentencepiece(texts, tmp_path, vocab_size=256, model_type="bpe", numbers=numbers)
+    if numbers == "whole":  # frequent numbers are one piece, after a space or not
+        assert tok.tokenize("is 13.") == ["▁is", "▁13", "."] and tok.tokenize("13") == ["▁13"]
+    else:
+        assert tok.tokenize("is 13.") == ["▁is", "▁", "1", "3", "."]
     for r in records[:200]:
         answer = tok(r["answer"], add_special_tokens=False)["input_ids"]
         for rationale in r["rationales"]["careful"] + r["rationales"]["terse"]:
@@ -76,4 +81,5 @@ def test_no_unknown_token_in_any_demo_stream(tmp_path, demo_corpus):
     targets += [feedback_text("Eva", 12, [3, -8], 7, "9"), "The rationale is sound. Score: [5]"]
     unknown = [t for t in targets if tok.unk_token_id in tok(t, add_special_tokens=False)["input_ids"]]
     assert not unknown, unknown[:3]
-    assert tok.tokenize("x --> 5")[-3:] in (["▁-->", "▁", "5"], ["▁--", ">", "▁", "5"], ["▁-", "-", ">", "▁", "5"])
+    chain = tok("x --> 5", add_special_tokens=False)["input_ids"]
+    assert chain[-len(tok("5", add_special_tokens=False)["input_ids"]):] == tok("5", add_special_tokens=False)["input_ids"]

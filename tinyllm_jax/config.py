@@ -44,6 +44,9 @@ class ModelConfig:
     # more texts that tokenizer learns besides the records and the streams' targets (the
     # recipes add the prefixes and target forms of streams their later stages train)
     tokenizer_texts: list[str] = field(default_factory=list)
+    # how that tokenizer writes numbers: "whole" (frequent numbers one piece) or "digits" (a
+    # piece a digit, as Llama and Qwen do); either way the same pieces wherever a number stands
+    tokenizer_numbers: Literal["digits", "whole"] = "whole"
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64

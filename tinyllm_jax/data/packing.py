@@ -205,7 +205,7 @@ def fill_rows(enc_lengths: np.ndarray, dec_lengths: np.ndarray, order: np.ndarra
                 size -= 1
                 ids[j] = ids[size]
             pool_e[j], pool_d[j] = enc[ids[j]], dec[ids[j]]
-        if new_row and not row:
+        if new_row and not row and size:  # (an empty started row stays empty once the pool is spent)
             raise UserError("packing: an example is longer than a row; see check_lengths")
         out.append(np.asarray(row, np.int64))
     return out, np.concatenate([ids[:size], order[refill:]])

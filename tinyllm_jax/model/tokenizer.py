@@ -47,23 +47,40 @@ def load_tokenizer(name_or_path: str):
         raise UserError(f"{name_or_path}: cannot load a tokenizer: {e}") from None
 
 
+NUMBERS = ("digits", "whole")
+
+
 def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512, model_type: str = "unigram",
-                       split_digits: bool = True):
+                        numbers: str = "whole"):
     """Trains a SentencePiece model (unigram or bpe) with T5's special ids (pad 0, eos 1, unk 2),
     saves it in `out_dir` in both forms (`spiece.model`, and `tokenizer.json` that segments
     exactly as it does) and returns the transformers tokenizer loaded back from there.
 
-    `split_digits` (default) makes every digit its own piece, so a number tokenizes the same
-    way wherever it stands ("13" alone and "13." at the end of a sentence share "1", "3").
+    A number tokenizes the same way wherever it stands ("13" alone and "13." ending a
+    sentence share their pieces), so that a rationale's final answer trains the pieces the
+    answer stream emits: with `numbers="whole"` (default) frequent numbers keep pieces of
+    their own and no piece joins a digit to anything but digits (the text it learns from has
+    digit runs set apart from their neighbours); with `"digits"` every digit is its own piece,
+    as Llama's and Qwen's tokenizers do (longer sequences: on the demo's careful chains 36
+    pieces instead of 25, and a student from scratch that must learn arithmetic digit by
+    digit reached 0.455 validation accuracy at 1200 steps, against 0.57 with whole numbers).
     Training on every string the model will be asked to emit (answers, rationales, the
     separators of target forms) keeps them free of the unknown token."""
+    import re
+
     import sentencepiece as spm
 
+    if numbers not in NUMBERS:
+        raise UserError(f"tokenizer numbers={numbers!r}: expected one of {', '.join(NUMBERS)}")
+    texts = list(texts)
+    if numbers == "whole":  # "13." is learned as "13 ." : no merge across a digit run's edge
+        apart = re.compile(r"(?<=\d)(?=[^\d\s])|(?<=[^\d\s])(?=\d)")
+        texts = [apart.sub(" ", t) for t in texts]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(list(texts)),
+            sentence_iterator=iter(texts),
             model_prefix=f"{tmp}/spiece",
             vocab_size=vocab_size,
             model_type=model_type,
@@ -73,7 +90,7 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: i
             bos_id=-1,
             character_coverage=1.0,
             hard_vocab_limit=False,
-            split_digits=split_digits,
+            split_digits=numbers == "digits",
             minloglevel=2,
         )
         shutil.copy(f"{tmp}/spiece.model", out_dir / "spiece.model")

@@ -104,4 +104,4 @@ def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
     texts = tokenizer_corpus(records, cfg.data.streams, extra=extra)
     # BPE: on a corpus this small, unigram stops near single characters
     vocab = cfg.model.train_tokenizer_vocab or int(cfg.demo.get("vocab_size", 256))
-    return train_sentencepiece(texts, tok_dir, vocab_size=vocab, model_type="bpe")
+    return train_sentencepiece(texts, tok_dir, vocab_size=vocab, model_type="bpe", numbers=cfg.model.tokenizer_numbers)
