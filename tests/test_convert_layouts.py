@@ -169,6 +169,30 @@ def test_dss_svamp_source_file_is_split_as_the_reference_loader_splits_it(tmp_pa
     assert split_of(report, "svamp", "test").layout == "SVAMP (SVAMP.json, split by the reference loader)"
 
 
+def test_dss_parallel_steps_are_reasoning_not_a_repetition_loop(tmp_path):
+    """Reasoning that repeats a sentence between other steps ("She already put in 5 cups.")
+    is kept as the text before "The answer is", as the reference loader reads it (SVAMP
+    train has one such string of 789); a sentence said again and again in a row is a loop."""
+    d = tmp_path / "svamp"
+    parallel = ("Ann needs 6 cups of flour. She already put in 5 cups. So she needs 6 - 5 = 1 more cup of flour.\n"
+                "Ann needs 8 cups of sugar. She already put in 5 cups. So she needs 8 - 5 = 3 more cups of sugar.\n"
+                "Ann needs 7 cups of salt. She already put in 5 cups. So she needs 7 - 5 = 2 more cups of salt.\n"
+                "She needs 3 more cups of sugar than 2 more cups of salt.")
+    looping = "Ann needs 6 cups of flour. " + "She already put in 5 cups. " * 3 + "So she needs 1 more."
+    rows = [{"input": f"Ann bakes {i}.\nHow many more?", "label": "( 3.0 - 2.0 )"} for i in range(2)]
+    write_json(d / "svamp_train.json", rows, lines=True)
+    write_json(d / "llm" / "train_CoT_0.json", [parallel + " The answer is (3 - 2).\n\nQ:",
+                                                 looping + " The answer is ( 3.0 - 2.0 )."])
+    out = tmp_path / "out"
+    report = convert("dss", tmp_path, out)
+    first, second = records(out, "svamp", "train")
+    reference = (parallel + " The answer is (3 - 2).\n\nQ:").split("Q:")[0].rstrip().split("The answer is")[0].rstrip()
+    assert first["rationales"] == {"palm": [reference]}
+    assert first["teacher_answers"] == {"palm": ["(3 - 2)"]}
+    assert second["rationales"] == {}
+    assert split_of(report, "svamp", "train").teachers["palm"].dropped == {"repetition loop": 1}
+
+
 # ------------------------------------------------------------------ unknown layouts, other formats, --src
 
 
@@ -199,6 +223,10 @@ def test_convert_refuses_data_of_another_format_naming_it(tmp_path):
     for fmt in ("dss", "tinyllm", "fair"):
         with pytest.raises(FormatError, match="this is mentor-kd data"):
             convert(fmt, m, tmp_path / "o")
+    a = tmp_path / "augonly" / "data"
+    write_json(a / "prompt" / "svamp_6.json", [{"instruction": "q", "output": ["1"], "label": "1"}])
+    with pytest.raises(FormatError, match="this is mentor-kd data"):
+        convert("fair", tmp_path / "augonly", tmp_path / "o")
     f = tmp_path / "fairsrc"
     write_json(f / "Stu_svamp_false_round0.json", [{"id": 0, "question": "q", "gold_answer": "1"}])
     with pytest.raises(FormatError, match="this is fair data"):
@@ -259,6 +287,106 @@ def test_mentor_kd_completions_are_read_as_answers_in_every_chain_file(tmp_path)
     assert answers("commonsense_qa", "test", "teacher") == ["enforce", "enforce"]
     assert answers("svamp", "train", "mentor") == ["1"]
     assert split_of(report, "strategy_qa", "test").alignment["main/strategy_qa_test.json"]["completion_unreadable"] == 1
+
+
+def test_mentor_kd_last_letters_spelled_out_or_in_capitals_read_as_the_gold_word(tmp_path):
+    """Mentor-KD's evaluator strips quotes, dots and whitespace from a last-letter answer and
+    compares it case-insensitively: ' "y a a n".' and 'YAAN' state the gold "yaan"."""
+    root = tmp_path / "mentor-kd"
+    q = 'Take the last letters of each words in "Lucky Mireya Jj Kc" and concatenate them.'
+    write_json(root / "skeleton" / "last_letter_concatenation_test.json", [{"input": q, "answer": "yaan"}])
+    write_json(root / "main" / "last_letter_concatenation_test.json", [
+        {"input": q, "chain": f"Some steps {i}.", "completion": c, "answer": "yaan", "initial_correct": True}
+        for i, c in enumerate([' "y a a n".', " YAAN.", ' "y, a, a, n".', ' "yaan".'])])
+    out = tmp_path / "out"
+    report = convert("mentor-kd", root, out)
+    (rec,) = records(out, "last_letter_concatenation", "test")
+    assert rec["teacher_answers"]["teacher"] == ["yaan", "yaan", "y,a,a,n", "yaan"]
+    assert split_of(report, "last_letter_concatenation", "test").alignment[
+        "main/last_letter_concatenation_test.json"]["completion_unreadable"] == 0
+
+
+LETTERS_Q = 'Take the last letters of each words in "Lucky Mireya" and concatenate them.'
+LETTERS_OUTPUTS = [
+    'Step 1: Lucky - y\nStep 2: Mireya - a\n\nConcatenating them, we get "ya".',
+    "1. Lucky - y\n2. Mireya - a\n\nPutting them all together, we get: ya",
+    'The last letters are "y" and "e", so the answer is "ye".',  # wrong
+    "",  # an empty output
+    "Let me think about the words first.",  # states no answer
+]
+
+
+def test_mentor_kd_aug_and_prompt_layouts_convert_without_skeleton(tmp_path):
+    """Mentor samples (aug/{model}/{d}_rand3_aug3.json) and six raw teacher outputs a question
+    (prompt/{d}_6.json, {instruction, output, label}) each carry the gold answer: a folder
+    holding only those converts, the gold read from them; the raw outputs are teacher chains,
+    kept when the answer they end with is the gold one."""
+    root = tmp_path / "repo" / "data"  # the repository's data/ folder, given as its parent
+    q = "Danny has 67 wrappers and 35 caps. How many more wrappers?\n"
+    sample = {"input": q, "answer": "32", "initial_correct": True}
+    write_json(root / "aug" / "flan-t5_large" / "svamp_rand3_aug3.json", [
+        sample | {"chain": "67 - 35 = 32.", "completion": "32.0"},
+        sample | {"chain": "67 + 35 = 102.", "completion": "102", "initial_correct": False},
+        {"input": "Sum 1,000 and 80?\n", "answer": "1,080", "initial_correct": True, "chain": "So 1080.",
+         "completion": "1080"}])
+    write_json(root / "prompt" / "last_letter_concatenation_6.json", [
+        {"instruction": LETTERS_Q, "output": LETTERS_OUTPUTS, "label": "ya"},
+        {"instruction": 'Take the last letters of each words in "Bo Al".', "output": [], "label": "ol"}])
+    out = tmp_path / "out"
+    report = convert("mentor-kd", tmp_path / "repo", out)
+    assert sorted((s.dataset, s.split) for s in report.splits) == [("last_letter_concatenation", "train"),
+                                                                  ("svamp", "train")]
+    first, second = records(out, "svamp", "train")
+    assert (first["question"], first["answer"]) == ("Danny has 67 wrappers and 35 caps. How many more wrappers?", "32")
+    assert first["rationales"] == {"mentor": ["67 - 35 = 32."]} and first["teacher_answers"] == {"mentor": ["32"]}
+    assert (second["answer"], second["meta"]["answer_raw"]) == ("1080", "1,080")
+    svamp = split_of(report, "svamp", "train")
+    assert svamp.gold_file == "aug/flan-t5_large/svamp_rand3_aug3.json" and "no skeleton" in svamp.layout
+    letters, empty = records(out, "last_letter_concatenation", "train")
+    assert (letters["question"], letters["answer"]) == (LETTERS_Q, "ya")
+    assert letters["rationales"] == {"teacher": [o.strip() for o in LETTERS_OUTPUTS[:2]]}
+    assert letters["teacher_answers"] == {"teacher": ["ya", "ya"]}
+    assert letters["provenance"]["teacher"]["samples"][1] == {
+        "where": "prompt/last_letter_concatenation_6.json:2", "output": 1, "correct": True, "answer": "ya"}
+    assert (empty["answer"], empty["rationales"]) == ("ol", {})
+    teacher = split_of(report, "last_letter_concatenation", "train").teachers["teacher"]
+    assert (teacher.read, teacher.kept) == (5, 2)
+    assert teacher.dropped == {"incorrect": 1, "empty": 1, "no answer": 1}
+
+
+def test_mentor_kd_layouts_join_when_several_are_present(tmp_path):
+    """With skeleton/ the gold comes from it; main/'s chains are the reference's pick of the
+    prompt/ outputs, so those are checked against the gold and not added twice; a bare copy
+    of the gold rows in main/ gives a split that skeleton/ lacks."""
+    root = tmp_path / "mentor-kd"
+    write_json(root / "skeleton" / "last_letter_concatenation_train.json", [{"input": LETTERS_Q, "answer": "ya"}])
+    write_json(root / "main" / "last_letter_concatenation_3_train.json", [
+        {"input": LETTERS_Q, "chain": LETTERS_OUTPUTS[1], "answer": "ya", "initial_correct": True}])
+    write_json(root / "prompt" / "last_letter_concatenation_6.json", [
+        {"instruction": LETTERS_Q, "output": LETTERS_OUTPUTS, "label": "yo"}])  # disagrees with skeleton/
+    write_json(root / "main" / "gsm8k_test.json", [{"input": "2+2?\n", "answer": "4"}])  # no skeleton/gsm8k_test
+    out = tmp_path / "out"
+    report = convert("mentor-kd", root, out)
+    (letters,) = records(out, "last_letter_concatenation", "train")
+    assert letters["rationales"] == {"teacher": [LETTERS_OUTPUTS[1]]}
+    rep = split_of(report, "last_letter_concatenation", "train")
+    assert rep.gold_file == "skeleton/last_letter_concatenation_train.json"
+    assert rep.alignment["prompt/last_letter_concatenation_6.json"]["answer_differs_from_gold"] == 1
+    assert any("prompt/last_letter_concatenation_6.json" in n and "main/" in n for n in rep.notes)
+    (gsm,) = records(out, "gsm8k", "test")
+    assert (gsm["question"], gsm["answer"]) == ("2+2?", "4")
+    assert split_of(report, "gsm8k", "test").gold_file == "main/gsm8k_test.json"
+
+
+def test_mentor_kd_refuses_only_what_is_unusable_naming_it(tmp_path):
+    root = tmp_path / "mentor-kd"
+    write_json(root / "prompt" / "date_understanding_6.json", [{"instruction": "When?", "output": ["(A)"]}])
+    with pytest.raises(FormatError, match=r"prompt/date_understanding_6.json:2: missing required field 'label'"):
+        convert("mentor-kd", root, tmp_path / "out")
+    empty = tmp_path / "nothing"
+    (empty / "skeleton").mkdir(parents=True)
+    with pytest.raises(FormatError, match=r"no Mentor-KD data found: expected skeleton/.*aug/.*prompt/"):
+        convert("mentor-kd", empty, tmp_path / "out2")
 
 
 # ------------------------------------------------------------------ FAIR: the four published datasets

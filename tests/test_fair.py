@@ -24,10 +24,18 @@ from tinyllm_jax.teachers.review import Score, accepted, parse_score
     ("[0]", None, "out of range"),
     ("[3.5]", 3.5, "ok"),
     ("see [the answer] and [a]", None, "unparseable"),
-    ("", None, "unparseable"),
+    ("", None, "empty"),  # counted and shown as empty: the reviewer stays in the verdict
+    (" \n", None, "empty"),
 ])
 def test_review_replies_are_read_as_documented(reply, value, status):
     assert parse_score(reply) == Score(value, status)
+
+
+def test_a_reviewer_with_several_replies_scores_their_valid_mean():
+    from tinyllm_jax.teachers.review import combine
+
+    assert combine([Score(4.0, "ok"), Score(None, "empty"), Score(5.0, "ok")]) == Score(4.5, "ok")
+    assert combine([Score(None, "empty"), Score(None, "unparseable")]) == Score(None, "empty")
 
 
 def test_accepted_when_the_mean_valid_score_is_above_the_threshold():

@@ -1,7 +1,9 @@
 """A FAIR round against a real `transformers serve` on 127.0.0.1 serving two tiny random
 causal LMs as the committee: mine -> feedback -> rationales -> review -> train -> evaluate
-completes; the accepted set is what the review scores imply; the server killed during the
-review and restarted, the rerun completes and no request is answered twice."""
+completes; the accepted set is what the review scores imply; each rationale is reviewed once
+by each other teacher though the teachers sample twice, and every reply (an empty one too)
+is counted; the server killed during the review and restarted, the rerun completes and no
+request is answered twice."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def test_fair_round_with_served_teachers_survives_a_server_kill_during_review(tm
 
     proxy = RecordingProxy(server.url, on_answer=on_answer)
     teachers = [{"name": f"t{i}", "backend": "openai", "base_url": proxy.url, "model": str(m), "max_tokens": 10,
+                 "num_samples": 2, "temperature": 0.8,
                  "concurrency": 1, "timeout_s": 60, "backoff_s": 0.05, "max_backoff_s": 0.1, "max_retries": 1,
                  "max_consecutive_failures": 2} for i, m in enumerate(models, 1)]
     run_dir = tmp_path / "run"
@@ -58,13 +61,17 @@ def test_fair_round_with_served_teachers_survives_a_server_kill_during_review(tm
     assert max(asked.values()) == 1, [k for k, v in asked.items() if v > 1][:2]
     mistakes = len((run_dir / "round1" / "mine" / "mistakes.jsonl").read_text().splitlines())
     assert mistakes > 0
-    # each teacher: feedback + a rationale per mistake; each rationale reviewed by the other teacher
+    # each teacher: 2 feedback samples and 2 rationale samples a mistake; each rationale that is
+    # not empty reviewed once by the other teacher (not once a sample)
+    rationales = sum(len(x) for line in (run_dir / "round1" / "rationales" / "mistakes.jsonl").read_text().splitlines()
+                     for x in json.loads(line)["rationales"].values())
     kinds = Counter(("review" if "You are a reviewer" in prompt_of(b) else
                      "feedback" if "You are a teacher" in prompt_of(b) else "rationale") for b in proxy.answered)
-    assert kinds == {"feedback": 2 * mistakes, "rationale": 2 * mistakes, "review": 2 * mistakes}
+    assert kinds == {"feedback": 4 * mistakes, "rationale": 4 * mistakes, "review": rationales}
     reviewed, _ = check_review(run_dir / "round1" / "review")
-    assert reviewed == 2 * mistakes
+    assert reviewed == rationales
     review = json.loads((run_dir / "round1" / "review" / "stage.json").read_text())["result"]
-    assert review["scores"] + review["unparseable"] + review["out of range"] == 2 * mistakes
+    assert review["scores"] + review["empty"] + review["unparseable"] + review["out of range"] == rationales
+    assert review["requests"] == review["sent"] == rationales
     summary = json.loads((run_dir / "summary.json").read_text())
     assert all(s["status"] == "done" for s in summary["stages"].values()) and "test_accuracy" in summary

@@ -141,3 +141,20 @@ def test_recipe_with_a_served_teacher_completes_after_a_server_kill(tmp_path, se
     assert len(proxy.answered) == 4 + 24 and max(prompts.values()) == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert all(s["status"] == "done" for s in summary["stages"].values()) and "test_accuracy" in summary
+
+
+def test_transformers_serve_samples_only_when_the_generation_config_allows_it(tmp_path, server):
+    """What the README says of `transformers serve`: a temperature above 0 does not make it
+    sample while the model's generation config says do_sample: false (two seeds, one text);
+    `extra_body: {generation_config: '{"do_sample": true}'}` does (two seeds, two texts)."""
+    def samples(out: str, **kw) -> list[list[str]]:
+        cfg = write_config(tmp_path / out, _teacher(server, server.url, num_samples=2, temperature=1.0,
+                                                    max_tokens=12, **kw), records=3, num_examples=0)
+        assert generate_rationales(load(cfg))["complete"]
+        return [[p["raw"] for p in r["provenance"]["t1"]["samples"]]
+                for r in read_lines(tmp_path / out / "out" / "train.jsonl")]
+
+    greedy = samples("greedy")
+    assert all(a == b for a, b in greedy), greedy
+    sampled = samples("sampled", extra_body={"generation_config": json.dumps({"do_sample": True})})
+    assert any(a != b for a, b in sampled), sampled

@@ -44,6 +44,18 @@ class ExportConfig:
 
 
 @dataclass
+class Sampling:
+    """How one FAIR stage asks its teachers; a key left unset keeps the teacher's own
+    (`rationales.teachers[i]`), except the review's num_samples, which is 1 unless set."""
+
+    num_samples: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    max_tokens: Optional[int] = None
+
+
+@dataclass
 class FairConfig:
     """FAIR's rounds (recipes/fair.py). The committee is `rationales.teachers`."""
 
@@ -71,6 +83,11 @@ class FairConfig:
     feedback_template: str = "fair_feedback"
     rationale_template: str = "fair_rationale"
     review_template: str = "fair_review"
+    # per stage: samples a teacher and sampling settings (unset: the teacher's own; reviews: one
+    # a rationale and reviewer unless review_sampling.num_samples says more)
+    feedback_sampling: Sampling = field(default_factory=Sampling)
+    rationale_sampling: Sampling = field(default_factory=Sampling)
+    review_sampling: Sampling = field(default_factory=Sampling)
     # records of the reference's published round 0 (`tinyllm convert fair`): round 1 trains on
     # its student's mistakes, feedback and reviewed rationales; later rounds mine our student
     round1_records: Optional[str] = None

@@ -14,6 +14,9 @@
                 rationale stream, weights alpha and 1 - alpha (`data.streams`)
     evaluate    validation and test accuracy of the round's student (rationale stream)
 
+The committee's stages (feedback, rationales, review: their sampling, requests and replies)
+are recipes/fair_committee.py; this module lists the stages, mines, trains and reports.
+
 The reference code stops after round 0 (every file name says round0, and there is no
 loop); here round r + 1 mines the mistakes of round r's student. Its single-teacher
 baselines also drop the review; here review and teacher mix are separate settings.
@@ -22,7 +25,6 @@ baselines also drop the review; here review and teacher mix are separate setting
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -34,12 +36,15 @@ from tinyllm_jax.data.records import read_jsonl, write_jsonl
 from tinyllm_jax.errors import UserError
 from tinyllm_jax.recipes import common
 from tinyllm_jax.recipes.config import RecipeConfig
+from tinyllm_jax.recipes.fair_committee import MISTAKES, review_stage, teacher_stage
+from tinyllm_jax.recipes.fair_committee import read_records as _read
+from tinyllm_jax.recipes.fair_committee import train_teachers as _train_teachers
 from tinyllm_jax.recipes.stages import Stage, read_record, stage_dir
 
 log = logging.getLogger("tinyllm.recipe")
 
 FEEDBACK, RATIONALE = "feedback", "rationale"  # the streams' `teacher` names in a FAIR config
-MISTAKES = "mistakes.jsonl"
+TEACHER_STAGES = ("feedback", "rationales", "review")
 
 
 def stages(cfg: RecipeConfig, run_dir: Path) -> list[Stage]:
@@ -89,6 +94,15 @@ def check(cfg: RecipeConfig) -> None:
     if f.review and len(names) < 2:
         raise ConfigError("fair.review: peer review needs at least two teachers in rationales.teachers "
                           "(each rationale is scored by the others); set fair.review=false for one teacher")
+    for stage in ("feedback", "rationale", "review"):
+        s = getattr(f, f"{stage}_sampling")
+        for key, ok, want in (("num_samples", s.num_samples is None or s.num_samples >= 1, ">= 1"),
+                              ("max_tokens", s.max_tokens is None or s.max_tokens >= 1, ">= 1"),
+                              ("temperature", s.temperature is None or s.temperature >= 0, ">= 0"),
+                              ("top_p", s.top_p is None or 0 < s.top_p <= 1, "in (0, 1]"),
+                              ("top_k", s.top_k is None or s.top_k >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(f"fair.{stage}_sampling.{key}: expected {want}, found {getattr(s, key)}")
     if f.rounds < 1:
         raise ConfigError(f"fair.rounds: expected >= 1, found {f.rounds}")
     if not 0.0 <= f.replay <= 1.0:
@@ -109,10 +123,6 @@ def rationale_stream(cfg: Config) -> StreamConfig:
 def student_run(train_stage_name: str) -> str:
     """A round's train stage keeps its records beside the run: the run is `student/`."""
     return train_stage_name if train_stage_name == "warmup" else f"{train_stage_name}/student"
-
-
-def _train_teachers(cfg: RecipeConfig) -> list[str]:
-    return cfg.fair.train_teachers or [t.name for t in cfg.rationales.teachers]
 
 
 def _eval_config(cfg: RecipeConfig):
@@ -221,138 +231,6 @@ def mine_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None) -
     return Stage(f"{rd}/mine", run, settings, writes=[out / MISTAKES], reads=reads)
 
 
-# --------------------------------------------------------------------------- the committee
-
-
-def _rationales_config(cfg: RecipeConfig, inputs: list[Path], out: Path, template: str, teachers: list[str],
-                       cache: Path | None = None) -> Config:
-    """`tinyllm rationales` settings for one FAIR teacher stage: zero-shot, one template."""
-    chosen = [dataclasses.replace(t, template=template) for t in cfg.rationales.teachers if t.name in teachers]
-    rc = dataclasses.replace(cfg.rationales, input=[str(p) for p in inputs], output=str(out), teachers=chosen,
-                             num_examples=0, cache=str(cache) if cache else None)
-    return dataclasses.replace(Config(), eval=cfg.eval, rationales=rc)
-
-
-def _collect(rcfg: Config) -> dict[str, Any]:
-    from tinyllm_jax.teachers.generate import generate_command
-
-    if not any(_read(Path(p)) for p in rcfg.rationales.input):  # no mistakes: nothing to ask
-        Path(rcfg.rationales.output).mkdir(parents=True, exist_ok=True)
-        for p in rcfg.rationales.input:
-            write_jsonl(Path(rcfg.rationales.output) / Path(p).name, [])
-        return {"new": 0, "requests": 0}
-    report = generate_command(rcfg)
-    counts = [c for per in report["teachers"].values() for c in per.values()]
-    return {"new": report["new"], "requests": sum(c["requests"] for c in counts),
-            "cached": sum(c["cached"] for c in counts)}
-
-
-def teacher_stage(cfg: RecipeConfig, run_dir: Path, rd: str, kind: str, template: str) -> Stage:
-    """Every training teacher's feedback on (or own rationale for) each mistake."""
-    out = stage_dir(run_dir, f"{rd}/{kind}")
-    mistakes = stage_dir(run_dir, f"{rd}/mine") / MISTAKES
-    teachers = _train_teachers(cfg)
-
-    def rcfg() -> Config:
-        return _rationales_config(cfg, [mistakes], out, template, teachers)
-
-    def run() -> dict[str, Any]:
-        return _collect(rcfg())
-
-    def plan() -> str:
-        if not mistakes.is_file():
-            return f"{len(teachers)} requests a mistake, known once {rd} has mined"
-        n = sum(1 for line in mistakes.open(encoding="utf-8") if line.strip())
-        return f"{n} mistakes x {len(teachers)} teachers = {n * len(teachers)} requests (less what is cached)"
-
-    settings = {"template": template, "teachers": teachers,
-                "rationales": common.settings_of(dataclasses.replace(cfg.rationales, input=[], output=""))}
-    return Stage(f"{rd}/{kind}", run, settings, writes=[out / MISTAKES], reads=[mistakes], fresh_on_change=False,
-                 plan=plan)
-
-
-def review_stage(cfg: RecipeConfig, run_dir: Path, rd: str) -> Stage:
-    """Each rationale scored by the other teachers; writes the accepted rationales, with
-    every score in provenance, and the counts (unparseable replies included)."""
-    from tinyllm_jax.teachers.review import accepted, parse_score
-
-    out = stage_dir(run_dir, f"{rd}/review")
-    rationales = stage_dir(run_dir, f"{rd}/rationales") / MISTAKES
-    committee = [t.name for t in cfg.rationales.teachers]
-
-    def run() -> dict[str, Any]:
-        records = _read(rationales)
-        inputs = _review_inputs(records, out)
-        counts = {"rationales": 0, "accepted": 0, "scores": 0, "unparseable": 0, "out of range": 0, "requests": 0,
-                  "new": 0}
-        reviews: dict[tuple[str, str, int], dict[str, str]] = {}
-        for author, path in inputs.items():
-            others = [t for t in committee if t != author]
-            got = _collect(_rationales_config(cfg, [path], out / "replies", cfg.fair.review_template, others,
-                                              cache=out / "cache.jsonl"))
-            counts["requests"] += got["requests"]
-            counts["new"] += got["new"]
-            for rec in read_jsonl(out / "replies" / path.name)[0]:
-                key = (rec["meta"]["record_id"], author, rec["meta"]["sample"])
-                reviews[key] = {t: rec["rationales"][t][0] for t in others if rec["rationales"].get(t)}
-        kept = []
-        for orig in records:
-            rec = {**orig, "rationales": {}, "provenance": dict(orig.get("provenance") or {})}
-            for author in _train_teachers(cfg):
-                texts = orig["rationales"].get(author, [])
-                verdicts = []
-                for k, text in enumerate(texts):
-                    replies = reviews.get((rec["id"], author, k), {})
-                    scores = {t: parse_score(reply) for t, reply in replies.items()}
-                    ok = accepted(list(scores.values()), cfg.fair.threshold)
-                    counts["rationales"] += 1
-                    counts["accepted"] += ok
-                    for sc in scores.values():
-                        counts["scores" if sc.status == "ok" else sc.status] += 1
-                    verdicts.append({"sample": k, "accepted": ok, "scores": {t: sc.value for t, sc in scores.items()},
-                                     "status": {t: sc.status for t, sc in scores.items()}, "replies": replies})
-                    if ok:
-                        rec["rationales"].setdefault(author, []).append(text)
-                if texts:
-                    rec["provenance"][author] = {**(rec["provenance"].get(author) or {}), "review": verdicts,
-                                                 "threshold": cfg.fair.threshold}
-            kept.append(rec)
-        write_jsonl(out / MISTAKES, kept)
-        log.info("%s review: %d of %d rationales accepted; %d scores, %d unparseable, %d out of range", rd,
-                 counts["accepted"], counts["rationales"], counts["scores"], counts["unparseable"],
-                 counts["out of range"])
-        return counts
-
-    settings = {"template": cfg.fair.review_template, "committee": committee, "threshold": cfg.fair.threshold,
-                "train_teachers": _train_teachers(cfg),
-                "rationales": common.settings_of(dataclasses.replace(cfg.rationales, input=[], output=""))}
-    return Stage(f"{rd}/review", run, settings, writes=[out / MISTAKES], reads=[rationales], fresh_on_change=False)
-
-
-def _review_inputs(records: list[dict[str, Any]], out: Path) -> dict[str, Path]:
-    """One file of review requests per author: a record per (question, rationale sample),
-    carrying the rationale under review in `meta` (the review template shows it)."""
-    by_author: dict[str, list[dict[str, Any]]] = {}
-    for rec in records:
-        for author, texts in rec["rationales"].items():
-            for k, text in enumerate(texts):
-                by_author.setdefault(author, []).append({
-                    **rec, "id": f"{rec['id']}#{author}#{k}", "rationales": {}, "teacher_answers": {},
-                    "provenance": {}, "meta": {**(rec.get("meta") or {}), "record_id": rec["id"], "author": author,
-                                               "sample": k, "reviewed_rationale": text}})
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for author, recs in by_author.items():
-        paths[author] = out / f"by-{_safe(author)}.jsonl"
-        write_jsonl(paths[author], recs)
-    return paths
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) + "-" + hashlib.sha256(
-        name.encode()).hexdigest()[:6]
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -385,6 +263,13 @@ def training_records(cfg: RecipeConfig, rd: str, feedback: list[dict], reviewed:
             out.append({**base, "id": f"{rd}/{rec['id']}~feedback", "question": feedback_input(rec), "choices": [],
                         "context": None, "rationales": {FEEDBACK: notes}})
     return out
+
+
+def _training_fair_settings(cfg: RecipeConfig) -> dict[str, Any]:
+    """fair.* as the train stage's fingerprint sees it: per-stage sampling reaches training
+    through the teacher stages' outputs (their fingerprints chain to it), so it is left out,
+    and runs made before it existed keep their fingerprints."""
+    return {k: v for k, v in common.settings_of(cfg.fair).items() if not k.endswith("_sampling")}
 
 
 def published_round(path: Path) -> tuple[list[dict], list[dict]]:
@@ -453,7 +338,7 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
     optim = schedule_of(cfg, int(rd.removeprefix("round")))
     settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, eval=_eval_config(cfg),
                                                                          optim=optim)),
-                "init": init, "fair": common.settings_of(cfg.fair)}
+                "init": init, "fair": _training_fair_settings(cfg)}
     if published:
         return Stage(f"{rd}/train", run, settings, writes=[run_path / "summary.json"],
                      user_files={published: "fair.round1_records"})
@@ -481,10 +366,6 @@ def replay_records(cfg: RecipeConfig, rd: str, train: list[dict[str, Any]], mist
     return out
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl(path)[0] if path.is_file() and path.stat().st_size else []
-
-
 # --------------------------------------------------------------------------- the report
 
 
@@ -499,12 +380,14 @@ def report(cfg: RecipeConfig, run_dir: Path) -> dict[str, Any]:
             res["mine"] = {"mistakes": "published"}
         rounds.append({
             "round": r, "mistakes": res["mine"].get("mistakes"), "train_accuracy": res["mine"].get("train_accuracy"),
-            "requests": sum(res[k].get("requests", 0) for k in ("feedback", "rationales", "review")),
-            "sent": sum(res[k].get("new", 0) for k in ("feedback", "rationales", "review")),
+            # over every run of each stage: a resumed stage counts what the failed runs sent
+            "requests": sum(res[k].get("requests", 0) for k in TEACHER_STAGES),
+            "sent": sum(res[k].get("sent", res[k].get("new", 0)) for k in TEACHER_STAGES),
+            "cached": sum(res[k].get("cached", 0) for k in TEACHER_STAGES),
             "feedback_records": res["train"].get("feedback_records"),
             "rationale_records": res["train"].get("rationale_records"),
             "reviewed": res["review"].get("rationales"), "accepted": res["review"].get("accepted"),
-            "unparseable_reviews": res["review"].get("unparseable"),
+            "empty_reviews": res["review"].get("empty"), "unparseable_reviews": res["review"].get("unparseable"),
             "validation_accuracy": res["evaluate"].get("validation_accuracy"),
             "test_accuracy": res["evaluate"].get("test_accuracy"),
         })
@@ -514,12 +397,13 @@ def report(cfg: RecipeConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    head = ("round", "mistakes", "requests", "sent", "accepted", "unparseable", "val acc", "test acc")
+    head = ("round", "mistakes", "requests", "sent", "cached", "accepted", "empty", "unparseable", "val acc",
+            "test acc")
     rows = [head]
     for r in rep["rounds"]:
         acc = f"{r['accepted']}/{r['reviewed']}" if r["reviewed"] is not None else "no review"
-        rows.append((r["round"], r["mistakes"], r["requests"], r["sent"], acc, r["unparseable_reviews"],
-                     _pct(r["validation_accuracy"]), _pct(r["test_accuracy"])))
+        rows.append((r["round"], r["mistakes"], r["requests"], r["sent"], r.get("cached"), acc, r.get("empty_reviews"),
+                     r["unparseable_reviews"], _pct(r["validation_accuracy"]), _pct(r["test_accuracy"])))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
 

@@ -54,13 +54,14 @@ class Dataset:
             self.by_id[r["id"]] = r
 
 
-def generate_command(cfg: Config) -> dict[str, Any]:
-    """Runs `generate_rationales`, prints the report; raises IncompleteRun if anything is missing."""
+def generate_command(cfg: Config, what: str = "rationale") -> dict[str, Any]:
+    """Runs `generate_rationales`, prints the report; raises IncompleteRun if anything is
+    missing, naming the requests as `what` asks ("review requests failed ...")."""
     report = generate_rationales(cfg)
     print(format_report(report))
     if not report["complete"]:
         raise IncompleteRun(
-            f"{report['missing']} rationale requests failed or did not run; the {report['new']} that succeeded "
+            f"{report['missing']} {what} requests failed or did not run; the {report['new']} that succeeded "
             f"are kept in {report['cache']}: rerun the same command to finish"
         )
     return report
@@ -99,6 +100,27 @@ def plan_rationales(cfg: Config) -> dict[str, dict[str, dict[str, Any]]]:
     with ResultCache(cache_path, read_only=True) as cache:
         runs = _teacher_runs(rc, datasets, task, cache, None)
         return {run.teacher.name: {ds.name: run.plan(ds, examples) for ds in datasets} for run in runs}
+
+
+def cached_answers(cfg: Config) -> dict[tuple[str, str, str], list[dict[str, Any]] | None]:
+    """Every (input file stem, record id, teacher)'s cached answers, one a sample in sample
+    order, empty ones included (the outputs leave those out); None where a sample is not
+    cached yet. Sends nothing."""
+    rc = cfg.rationales
+    datasets, examples, task = _prepare(cfg)
+    out: dict[tuple[str, str, str], list[dict[str, Any]] | None] = {}
+    with ResultCache(_cache_path(rc), read_only=True) as cache:
+        for run in _teacher_runs(rc, datasets, task, cache, None):
+            for ds in datasets:
+                pool, why = run._pool(ds, examples, new_counts(len(ds.records)), send=False)
+                planned: dict[tuple[str, str, str], list[str]] = {}
+                if not why:
+                    run._record_jobs(ds, pool, planned)
+                for rec in ds.records:
+                    keys = planned.get((ds.name, rec["id"], run.teacher.name))
+                    entries = [cache.get(k) for k in keys] if keys else [None]
+                    out[(ds.name, rec["id"], run.teacher.name)] = None if None in entries else entries
+    return out
 
 
 def _cache_path(rc: RationalesConfig) -> Path:

@@ -10,10 +10,14 @@ How a reply is read (`parse_score`):
                                   number may be one the rationale itself contains
     "[7]", "[0]"                  out of range: not a 1-5 score
     "[3.5]"                       3.5: a decimal score is kept
+    "", "  "                      empty: the reviewer answered nothing (a content filter,
+                                  a reasoning model out of tokens)
 
-Unparseable and out-of-range replies are counted and reported; they are never a silent 0.
-A rationale is accepted when the mean of its valid scores is above the threshold (the
-reference's 3: "(4, 3)" passes), and rejected when it has no valid score at all.
+Empty, unparseable and out-of-range replies are counted and reported; they are never a
+silent 0 and never drop the reviewer from the verdict. A reviewer asked for several review
+samples scores the mean of its valid ones (`combine`). A rationale is accepted when the mean
+of its reviewers' valid scores is above the threshold (the reference's 3: "(4, 3)" passes),
+and rejected when it has no valid score at all.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ MIN_SCORE, MAX_SCORE = 1.0, 5.0
 @dataclass(frozen=True)
 class Score:
     value: float | None  # None when the reply gives no valid score
-    status: str  # "ok", "unparseable" or "out of range"
+    status: str  # "ok", "empty", "unparseable" or "out of range"
 
 
 def parse_score(reply: str) -> Score:
     """The reviewer's 1-5 score from its reply (see the module docstring)."""
+    if not (reply or "").strip():
+        return Score(None, "empty")
     scored = [m.group(1) for m in _BRACKETS.finditer(reply or "") if _SCORE.match(m.group(1))]
     if not scored:
         return Score(None, "unparseable")
@@ -49,3 +55,12 @@ def accepted(scores: Sequence[Score], threshold: float = 3.0) -> bool:
     """Accepted when the mean of the valid scores is above `threshold`."""
     valid = [s.value for s in scores if s.value is not None]
     return bool(valid) and sum(valid) / len(valid) > threshold
+
+
+def combine(replies: Sequence[Score]) -> Score:
+    """One reviewer's score from its replies (one a review sample): the mean of the valid
+    ones, else the status of its first reply (e.g. "empty")."""
+    valid = [s.value for s in replies if s.value is not None]
+    if valid:
+        return Score(sum(valid) / len(valid), "ok")
+    return replies[0] if replies else Score(None, "empty")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyllm_jax.data.formats import positional
+from tinyllm_jax.data.formats import mentor_kd, positional
 from tinyllm_jax.data.formats.fair import FILE_NAME as FAIR_FILE
 from tinyllm_jax.data.formats.source import FormatError, read_rows
 
@@ -34,8 +34,8 @@ class Found:
 def detect(root: Path) -> list[Found]:
     """What `root` holds, one entry a dataset folder (or one for a whole Mentor-KD or FAIR
     folder); empty when nothing known is there."""
-    if any((root / sub).is_dir() and list((root / sub).glob("*.json")) for sub in ("skeleton", "main")):
-        return [Found(root, "mentor-kd", "skeleton/ and main/ chain files")]
+    if (folder := mentor_kd.data_folder(root)) is not None:
+        return [Found(folder, "mentor-kd", "skeleton/, main/, aug/ or prompt/ files")]
     if any(FAIR_FILE.fullmatch(p.name) for p in root.glob("*.json")):
         return [Found(root, "fair", "{student}_{d}_{false,feedback,rationale}_round{r}.json files")]
     try:

@@ -84,11 +84,15 @@ def parse_palm(text: str, continuation: re.Pattern = _NEXT_Q, answer: re.Pattern
 
 
 def _loops(text: str, times: int = 3, ngram: int = 12) -> bool:
-    """A sentence of three or more words said `times` times, or a run of `ngram` words
-    repeated `times` times: a decoding loop, not reasoning."""
-    sentences = [" ".join(s.split()).lower() for s in _SENTENCE.split(text) if len(s.split()) >= 3]
-    if any(sentences.count(s) >= times for s in set(sentences)):
-        return True
+    """A sentence of three or more words said `times` times in a row, or a run of `ngram`
+    words repeated `times` times: a decoding loop, not reasoning. Parallel steps that repeat
+    a sentence between others ("She already put in 5 cups." once a step) are reasoning."""
+    sentences = [" ".join(s.split()).lower() for s in _SENTENCE.split(text) if s.strip()]
+    run = 1
+    for before, s in zip(sentences, sentences[1:]):
+        run = run + 1 if s == before and len(s.split()) >= 3 else 1
+        if run >= times:
+            return True
     words = text.lower().split()
     grams: dict[tuple[str, ...], int] = {}
     for i in range(len(words) - ngram + 1):
