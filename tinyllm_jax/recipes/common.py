@@ -20,7 +20,8 @@ from tinyllm_jax.recipes.stages import Stage, stage_dir
 log = logging.getLogger("tinyllm.recipe")
 
 MANIFEST = "splits.json"
-_DISPLAY_KEYS = {"progress"}  # settings that change how a stage prints, never what it writes
+# settings that change how a stage prints or starts, never what it writes
+_DISPLAY_KEYS = {"progress", "allow_data_change"}
 
 
 def settings_of(section: Any) -> Any:

@@ -23,12 +23,12 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from tinyllm_jax.config import Config, save_config
+from tinyllm_jax.config import Config
 from tinyllm_jax.errors import UserError
 from tinyllm_jax.eval.evaluate import Evaluation
 from tinyllm_jax.model.t5 import T5, T5Config
 from tinyllm_jax.train import loss as loss_lib
-from tinyllm_jax.train.distill import KDSpec, Teacher, kd_spec, load_teacher
+from tinyllm_jax.train.distill import KDSpec, Teacher, kd_spec
 from tinyllm_jax.runtime import sharding
 from tinyllm_jax.runtime.checkpoint import Checkpointer
 from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device, train_flops_per_step
@@ -259,29 +259,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _warn_on_changed_config(cfg: Config, run_dir: Path) -> None:
-    """Resuming a run with other settings is allowed (more steps, say) but never silent."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() or not (run_dir / "checkpoints").is_dir():
-        return
-    import yaml
-
-    from tinyllm_jax.config import to_dict
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    old, new = dict(flat(yaml.safe_load(saved.read_text()) or {})), dict(flat(to_dict(cfg)))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        log.warning("resuming %s with changed settings: %s", run_dir,
-                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8]))
-
-
 def _host_metrics(m: dict[str, Any], stream_names: list[str]) -> dict[str, Any]:
     m = jax.device_get(m)
     out = {"step": None, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
@@ -296,53 +273,38 @@ def _host_metrics(m: dict[str, Any], stream_names: list[str]) -> dict[str, Any]:
 def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the run described by `cfg`; returns the final summary. The test
     split is scored once at the end with the selected checkpoint, unless `evaluate_test`
-    is False (the recipes score it in a stage of their own)."""
+    is False (the recipes score it in a stage of their own). Everything is read and checked
+    before RUN_DIR is written (train/start.py); a finished run is not run again. A SIGINT
+    or SIGTERM saves the step and raises `Interrupted`."""
+    import tempfile
+
     from tqdm.auto import tqdm
 
-    from tinyllm_jax.data.packing import PackedIterator, RowShare
-    from tinyllm_jax.data.streams import examples_for_split, stream_weights
-    from tinyllm_jax.model.tokenizer import check_coverage
+    from tinyllm_jax.data.streams import stream_weights
     from tinyllm_jax.runtime import distributed
-    from tinyllm_jax.train.student import build_student, prepare_demo_data
+    from tinyllm_jax.train import start as run_start
 
     primary = distributed.is_primary()  # process 0 writes the run directory; the others read
     setup_logging(None if primary else logging.WARNING)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        cfg = prepare_demo_data(cfg, run_dir)
-        _warn_on_changed_config(cfg, run_dir)
-        save_config(cfg, run_dir / "config.yaml")
-        t5cfg, tokenizer, imported = build_student(cfg, run_dir)
-    distributed.barrier("run directory written")
+    run_start.check_run_dir(run_dir)
+    finished = run_start.finished_summary(cfg, run_dir)
+    distributed.barrier("checked whether the run is finished")
+    if finished is not None:
+        return _already_finished(finished, run_dir, cfg.checkpoint.best_metric, primary)
     if not primary:
-        cfg = prepare_demo_data(cfg, run_dir, write=False)
-        t5cfg, tokenizer, imported = build_student(cfg, run_dir, write=False)
-    mesh = sharding.make_mesh(cfg.mesh)
-    if cfg.train.batch_size % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
-        from tinyllm_jax.config import ConfigError
-
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp "
-                          f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
-    examples = examples_for_split(cfg.data, "train", tokenizer)
-    check_coverage(tokenizer, examples)  # a tokenizer that cannot read the data stops here
-    blocks, num_blocks = sharding.process_row_blocks(mesh)  # this process's rows of each batch
-    data = PackedIterator(examples, cfg.train.batch_size, cfg.data.encoder_length, cfg.data.decoder_length,
-                          seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row,
-                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps))
-    long_rows = cfg.train.batch_size // data.long_factor
-    if long_rows % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
-        from tinyllm_jax.config import ConfigError
-
-        raise ConfigError(f"{data.long_examples} training examples are longer than data.encoder_length / "
-                          f"data.decoder_length and train in long batches of train.batch_size / {data.long_factor} "
-                          f"= {long_rows} rows, which must be divisible by data x fsdp "
-                          f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
-                          f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
+        distributed.barrier("run directory written")
+    with tempfile.TemporaryDirectory(prefix="tinyllm-start-") as scratch:
+        prepared = run_start.prepare(cfg, run_dir, Path(scratch), primary)
+        if primary:
+            run_start.commit(prepared, run_dir)
+            distributed.barrier("run directory written")
+    cfg, t5cfg, tokenizer, mesh, data = prepared.cfg, prepared.t5cfg, prepared.tokenizer, prepared.mesh, prepared.data
+    blocks, num_blocks = prepared.blocks, prepared.num_blocks
     stream_names = [s.name for s in cfg.data.streams]
-    teacher = load_teacher(cfg, t5cfg, tokenizer, mesh) if cfg.distill.teacher else None
-    trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), imported, teacher)
-    del imported, teacher
+    trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), prepared.imported,
+                             prepared.teacher)
+    prepared.imported = prepared.teacher = None
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = ckpt.latest_step() or 0
@@ -351,7 +313,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
         data.restore(data_state)
         log.info("resumed from step %d", start)
     metrics_log = MetricsLog(run_dir, resume_step=start if start else None)
-    evaluator = _make_evaluator(cfg, t5cfg, tokenizer, mesh, run_dir, metrics_log)
+    evaluator = _make_evaluator(cfg, prepared.evaluation, run_dir, metrics_log)
 
     peak = peak_flops_per_device()
     flops_of_shape: dict[tuple[int, int, int], float] = {}  # long batches have more attention FLOPs
@@ -454,6 +416,14 @@ def _best_validation(run_dir: Path, best: int | None, metric: str) -> dict[str, 
     return {"best_step": best, f"best_{metric}": value}
 
 
+def _already_finished(summary: dict[str, Any], run_dir: Path, metric: str, primary: bool) -> dict[str, Any]:
+    """A finished run started again with the same settings: one line, nothing rerun."""
+    if primary:
+        print(f"{run_dir}: already finished (raise train.steps to train on); "
+              + _summary_line(summary, run_dir / "summary.json", metric), flush=True)
+    return summary
+
+
 def _summary_line(result: dict[str, Any], summary: Path, metric: str) -> str:
     """One line to end a run on: the selected step, its validation score, test accuracy."""
     best, value = result.get("best_step"), result.get(f"best_{metric}")
@@ -464,17 +434,12 @@ def _summary_line(result: dict[str, Any], summary: Path, metric: str) -> str:
     return f"trained {result['steps']} steps: {chosen}{tested}; summary: {summary}"
 
 
-def _make_evaluator(cfg: Config, t5cfg: T5Config, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
+def _make_evaluator(cfg: Config, evaluation: Evaluation | None, run_dir: Path, metrics_log: MetricsLog):
     """params, step, split -> metrics dict (logged), or None when there is nothing to evaluate."""
     from tinyllm_jax.data.sources import has_split
 
-    if not has_split(cfg.data, "validation") and not has_split(cfg.data, "test"):
+    if evaluation is None:
         return None
-
-    evaluation = Evaluation(cfg, t5cfg, tokenizer, mesh)
-    for split in ("validation", "test"):  # read and checked now: a bad file fails in seconds, not hours
-        if has_split(cfg.data, split):
-            evaluation._inputs(split)
 
     def run(params, step: int, split: str) -> dict[str, float] | None:
         if not has_split(cfg.data, split):

@@ -1,0 +1,98 @@
+"""Issue 23, "nothing lost": a failed start leaves a finished run as it was; resuming on other
+training records is refused unless allowed; a finished run started again says so; SIGINT
+saves like SIGTERM and both exit non-zero saying where the rerun resumes; a recipe stage
+rerun on changed settings keeps the old output aside and takes it back when the settings
+return."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tinyllm_jax.cli import main
+from tinyllm_jax.data.demo import make_demo_records
+from tinyllm_jax.data.records import write_jsonl
+
+from test_first_hour import files_config
+from test_recipes import write_recipe
+from test_train_run import run_train, tok_dir, write_config  # noqa: F401  (tok_dir is a fixture)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with a digest of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ item 1 (and 11: a finished run)
+
+
+def test_a_failed_start_leaves_a_finished_run_untouched_and_a_finished_run_says_it_is_done(
+        tmp_path, tok_dir, capsys):  # noqa: F811
+    config = files_config(tmp_path, tok_dir)
+    run = tmp_path / "run"
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    before = snapshot(run)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "question": "unfinished\n')
+    assert main(["train", str(config), f"data.train=[{bad}]", "train.steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1" in err and "malformed JSON" in err
+    assert "changed settings" not in err  # checked before anything is said about resuming
+    assert snapshot(run) == before
+
+    # a start that fails later (the evaluation files, after the tokenizer and packing) writes nothing either
+    assert main(["train", str(config), f"data.test=[{tmp_path / 'missing.jsonl'}]"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+    # the same command again: it is done, nothing is rerun (no test scoring, no new files)
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: already finished" in out and f"summary: {run / 'summary.json'}" in out
+    assert "trained 4 steps" in out
+    assert snapshot(run) == before
+
+
+def test_resuming_on_other_training_records_is_refused_unless_allowed(tmp_path, tok_dir, capsys):  # noqa: F811
+    config = files_config(tmp_path, tok_dir)
+    run = tmp_path / "run"
+    assert main(["train", str(config)]) == 0
+    train = tmp_path / "train.jsonl"
+    original = train.read_text()
+
+    # the same records under another name: a changed path, not a change of data (resumes, warns)
+    moved = tmp_path / "elsewhere" / "records.jsonl"
+    moved.parent.mkdir()
+    moved.write_text(original)
+    capsys.readouterr()
+    assert main(["train", str(config), f"data.train=[{moved}]", "train.steps=5"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step 4" in err and "changed settings" in err and "data.train" in err
+
+    # other records at the same path: refused in one line, nothing written
+    write_jsonl(train, make_demo_records(64, 7, "train"))
+    before = snapshot(run)
+    assert main(["train", str(config), "train.steps=6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "training records changed" in err and "resumes from step 5" in err and "train.allow_data_change=true" in err
+    assert snapshot(run) == before
+
+    assert main(["train", str(config), "train.steps=6", "train.allow_data_change=true"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step 5" in err and "other training data" in err
+    saved = json.loads((run / "train_data.json").read_text())
+    assert saved["records"] == 64 and saved["sha256"] != hashlib.sha256(original.encode()).hexdigest()
+    assert main(["train", str(config), "train.steps=6"]) == 0  # the new records are the run's records now
