@@ -96,3 +96,33 @@ def test_resuming_on_other_training_records_is_refused_unless_allowed(tmp_path, 
     saved = json.loads((run / "train_data.json").read_text())
     assert saved["records"] == 64 and saved["sha256"] != hashlib.sha256(original.encode()).hexdigest()
     assert main(["train", str(config), "train.steps=6"]) == 0  # the new records are the run's records now
+
+
+# ------------------------------------------------------------------ item 2: Ctrl-C
+
+
+def test_a_second_ctrl_c_while_saving_still_leaves_a_checkpoint_the_rerun_resumes_from(tmp_path, tok_dir):  # noqa: F811
+    """The first SIGINT asks for a save at the step's end; the second, a moment later, stops
+    the run during that step or its save. Orbax commits a step only once it is complete, so
+    whatever the second one interrupted, the rerun resumes from a whole checkpoint."""
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", run_dir, tok_dir, train={"steps": 100000},
+                       checkpoint={"every_steps": 5})
+    proc = run_train(cfg)
+    deadline = time.time() + 300
+    while not any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:]
+    last = out.strip().splitlines()[-1]
+    assert "rerun the same command to resume from step " in last, last
+    step = int(last.rsplit(" ", 1)[1])
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == step
+    proc = run_train(cfg, f"train.steps={step + 2}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and f"resumed from step {step}" in out, out[-2000:]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinyllm_jax.errors import UserError
+from tinyllm_jax.errors import Interrupted, UserError
 from tinyllm_jax.runtime import distributed
 
 
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"tinyllm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # saved; non-zero, so that `train && export` stops here
+        print(f"tinyllm {args.command}: {e}", file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
         print(f"tinyllm {args.command}: interrupted", file=sys.stderr)
         return 130

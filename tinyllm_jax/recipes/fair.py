@@ -382,8 +382,6 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
                                    data=dataclasses.replace(cfg.data, streams=streams),
                                    model=dataclasses.replace(cfg.model, init=init))
         result = train(tcfg, evaluate_test=False)
-        if "preempted_at" in result:
-            raise UserError(f"stopped by SIGTERM at step {result['preempted_at']} (saved); rerun to resume")
         return {"records": len(records), "feedback_records": counts[FEEDBACK], "rationale_records": counts[RATIONALE]}
 
     settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, eval=_eval_config(cfg))),

@@ -24,7 +24,7 @@ import optax
 from flax import linen as nn
 
 from tinyllm_jax.config import Config
-from tinyllm_jax.errors import UserError
+from tinyllm_jax.errors import Interrupted, UserError
 from tinyllm_jax.eval.evaluate import Evaluation
 from tinyllm_jax.model.t5 import T5, T5Config
 from tinyllm_jax.train import loss as loss_lib
@@ -226,23 +226,29 @@ def setup_logging(level: int | None = None) -> None:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and exits cleanly at the next step boundary.
+    """SIGINT (Ctrl-C) and SIGTERM set a flag; the loop saves at the next step boundary and
+    stops (`interrupted`). A second signal before that raises KeyboardInterrupt: Orbax
+    commits a checkpoint only once it is complete, so the previous one stays the latest.
     With several processes (a signal may reach only some of them) JAX's preemption service
     catches SIGTERM instead, and `check(step)` turns true on every process at the same
     step, so that all of them save that step together."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum = signal.SIGTERM
+        self._old: dict[int, Any] = {}
         self._synced = jax.process_count() > 1 and jax.distributed.is_initialized()
 
     def __enter__(self):
         if self._synced:
             return self
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        for signum in self.SIGNALS:
+            try:
+                self._old[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def check(self, step: int) -> None:
@@ -252,11 +258,20 @@ class _Preemption:
             self.requested = multihost_utils.reached_preemption_sync_point(step)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        log.warning("%s: saving at the end of this step, then stopping (%s again: stop without saving)",
+                    signal.Signals(signum).name, signal.Signals(signum).name)
+
+    def interrupted(self, step: int) -> Interrupted:
+        name = signal.Signals(self.signum).name
+        return Interrupted(f"{name}: saved step {step}, stopped; rerun the same command to resume from step {step}",
+                           128 + self.signum)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 def _host_metrics(m: dict[str, Any], stream_names: list[str]) -> dict[str, Any]:
@@ -274,8 +289,19 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the run described by `cfg`; returns the final summary. The test
     split is scored once at the end with the selected checkpoint, unless `evaluate_test`
     is False (the recipes score it in a stage of their own). Everything is read and checked
-    before RUN_DIR is written (train/start.py); a finished run is not run again. A SIGINT
-    or SIGTERM saves the step and raises `Interrupted`."""
+    before RUN_DIR is written (train/start.py); a finished run is not run again. SIGINT and
+    SIGTERM save the step and raise `Interrupted`, which names the step a rerun resumes from."""
+    try:
+        return _train(cfg, evaluate_test)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop, or a second one before the save
+        from tinyllm_jax.train.start import latest_checkpoint
+
+        step = latest_checkpoint(Path(cfg.run_dir))
+        where = f"resume from step {step}" if step else "start again (no checkpoint saved yet)"
+        raise Interrupted(f"SIGINT: stopped without saving; rerun the same command to {where}", 130) from None
+
+
+def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
     import tempfile
 
     from tqdm.auto import tqdm
@@ -379,8 +405,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
                               metrics=eval_metrics if eval_metrics and cfg.checkpoint.best_metric in eval_metrics else None)
                 if preempt.requested:
                     ckpt.wait()
-                    log.warning("SIGTERM: saved step %d, exiting", step)
-                    return {"preempted_at": step}
+                    raise preempt.interrupted(step)
             if pending is not None:
                 flush(*pending)
         ckpt.wait()
