@@ -126,3 +126,43 @@ def test_a_second_ctrl_c_while_saving_still_leaves_a_checkpoint_the_rerun_resume
     proc = run_train(cfg, f"train.steps={step + 2}")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and f"resumed from step {step}" in out, out[-2000:]
+
+
+# ------------------------------------------------------------------ item 3: recipe reruns keep the old output
+
+
+def stage_times(run_dir: Path) -> dict[str, float]:
+    return {p.parent.name: json.loads(p.read_text())["finished"] for p in sorted(run_dir.glob("*/stage.json"))}
+
+
+def test_a_recipe_rerun_on_changed_settings_keeps_the_old_training_and_takes_it_back(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = write_recipe(tmp_path / "r.yaml", run_dir, export={"enabled": False})
+    assert main(["recipe", str(cfg)]) == 0
+    first_times, first_train = stage_times(run_dir), snapshot(run_dir / "train")
+    fp_first = json.loads((run_dir / "train" / "stage.json").read_text())["fingerprint"]
+    capsys.readouterr()
+
+    assert main(["recipe", str(cfg), "data.streams.1.weight=1.0"]) == 0
+    out = capsys.readouterr().out
+    kept = run_dir / "previous" / "train" / fp_first
+    assert f"stage train: settings changed (data.streams.1.weight: 0.5 -> 1.0); its output is kept in {kept}" in out
+    assert snapshot(kept) == first_train  # the old weights and checkpoints, whole
+    second_times = stage_times(run_dir)
+    fp_second = json.loads((run_dir / "train" / "stage.json").read_text())["fingerprint"]
+
+    # the settings come back: the kept output is taken back, nothing is trained again
+    assert main(["recipe", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"stage train: settings as in an earlier run: its output under these settings is kept in {kept}" in out
+    assert stage_times(run_dir) == first_times
+    assert snapshot(run_dir / "train") == first_train
+    assert (run_dir / "previous" / "train" / fp_second / "stage.json").is_file()  # the other settings', aside
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"].values()] == ["done"] * 4
+
+    assert main(["recipe", str(cfg), "data.streams.1.weight=1.0", "--dry-run"]) == 0
+    assert "stage train: to take back" in capsys.readouterr().out
+    assert stage_times(run_dir) == first_times  # a dry run moves nothing
+    assert main(["recipe", str(cfg), "data.streams.1.weight=1.0"]) == 0
+    assert stage_times(run_dir) == second_times
