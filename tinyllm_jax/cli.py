@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tinyllm_jax.errors import Interrupted, UserError
+from tinyllm_jax.errors import Interrupted, UserError, check_writable_dir, check_writable_file
 from tinyllm_jax.runtime import distributed
 
 
@@ -35,18 +35,21 @@ def _eval(a: argparse.Namespace) -> None:
 def _predict(a: argparse.Namespace) -> None:
     from tinyllm_jax.eval.predict import predict_file
 
+    check_writable_file(a.output, "--output")
     predict_file(a.model, a.input, a.output, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
 
 
 def _export(a: argparse.Namespace) -> None:
     from tinyllm_jax.runs import export_command
 
+    check_writable_dir(a.out_dir, "OUT_DIR")
     export_command(a.src, a.out_dir, step=a.step)
 
 
 def _convert(a: argparse.Namespace) -> None:
     from tinyllm_jax.data.formats import convert_command
 
+    check_writable_dir(a.out, "--out")
     convert_command(a.format, a.src, a.out)
 
 
@@ -66,6 +69,10 @@ def _recipe(a: argparse.Namespace) -> None:
 def _plot(a: argparse.Namespace) -> None:
     from tinyllm_jax.train.plot import plot_run
 
+    if a.out:
+        check_writable_file(a.out, "--out")
+    else:
+        check_writable_dir(a.run_dir, "RUN_DIR")
     print(plot_run(a.run_dir, a.out))
 
 
@@ -141,10 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # saved; non-zero, so that `train && export` stops here
         print(f"tinyllm {args.command}: {e}", file=sys.stderr)
         return e.status
+    except OSError as e:  # the file system said no (space, permission, a path): one line, no traceback
+        print(f"tinyllm {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"tinyllm {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _os_error(e: OSError) -> str:
+    files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+    return f"{files}: {e.strerror}" if files and e.strerror else str(e)
 
 
 def entry() -> int:

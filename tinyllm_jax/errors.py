@@ -21,20 +21,36 @@ class Interrupted(Exception):
         self.status = status
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable_dir(path: str | Path, key: str) -> None:
     """Raises UserError naming `key` when `path` cannot become a folder we write in: it is
     a file, a file stands where one of its parents should be, or the nearest existing
     parent is not writable. Creates nothing."""
     path = Path(path)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _nearest_existing(path)
     if not probe.is_dir():
         what = "is a file" if probe == path else f"cannot be created: {probe} is a file"
         raise UserError(f"{key}: {path} {what}, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
         raise UserError(f"{key}: {path} {what}")
+
+
+def check_writable_file(path: str | Path, key: str) -> None:
+    """As `check_writable_dir`, for a file to be written at `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{key}: {path} is a folder, expected a file name")
+    probe = _nearest_existing(path.parent)
+    if not probe.is_dir():
+        raise UserError(f"{key}: {path} cannot be written: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{key}: {path} cannot be written: {path if path.exists() else probe} is not writable")
 
 
 def path_error(key: str, path: str | Path, err: OSError, doing: str = "cannot write") -> UserError:

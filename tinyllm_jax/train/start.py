@@ -61,11 +61,10 @@ def records_digest(records: list[dict[str, Any]]) -> str:
 
 
 def latest_checkpoint(run_dir: Path) -> int | None:
-    """The newest complete checkpoint step, read without opening Orbax (its unfinished
-    saves carry a temporary suffix, so only complete steps are plain numbers)."""
-    folder = Path(run_dir) / "checkpoints"
-    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
-    return max(steps, default=None)
+    """The newest complete checkpoint step of the run (None: none yet)."""
+    from tinyllm_jax.runtime.checkpoint import complete_steps
+
+    return max(complete_steps(Path(run_dir) / "checkpoints"), default=None)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
