@@ -47,3 +47,13 @@ def test_config_comments_say_that_overrides_index_the_stream_list():
     assert not stale
     cfg = load_config(REPO / "configs" / "tinyllm_obqa.yaml", ["data.streams.1.weight=2.0"])
     assert cfg.data.streams[1].weight == 2.0
+
+
+# ------------------------------------------------------------------ item 10: export
+
+
+def test_exported_weights_have_the_mode_of_the_other_files(tmp_path, tiny_t5_dir, capsys):
+    out = tmp_path / "export"
+    assert main(["export", str(tiny_t5_dir), str(out)]) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and len(set(modes.values())) == 1, modes

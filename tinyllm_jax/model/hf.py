@@ -271,6 +271,11 @@ def save_pretrained(params: dict[str, Any], cfg: T5Config, out_dir: str | Path, 
     gen = {"decoder_start_token_id": cfg.decoder_start_token_id, "eos_token_id": cfg.eos_token_id,
            "pad_token_id": cfg.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    # safetensors writes through a private temporary file (mode 0600): give the weights the
+    # mode every other file got from the umask, so whoever may read the config may read them
+    mode = (out / "config.json").stat().st_mode & 0o777
+    for weights in out.glob("*.safetensors"):
+        weights.chmod(mode)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
