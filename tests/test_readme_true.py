@@ -3,6 +3,7 @@ shows what every subcommand does and its defaults; the configs' comments are cur
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -57,3 +58,45 @@ def test_exported_weights_have_the_mode_of_the_other_files(tmp_path, tiny_t5_dir
     assert main(["export", str(tiny_t5_dir), str(out)]) == 0
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert "model.safetensors" in modes and len(set(modes.values())) == 1, modes
+
+
+# ------------------------------------------------------------------ item 8: plot a recipe; other methods' settings
+
+
+def write_metrics(folder: Path, start_time: float, steps: int = 6) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"step": s, "time": start_time + s, "loss": 3.0 / s, "loss/answer": 2.0 / s} for s in range(1, steps + 1)]
+    rows.append({"step": steps, "eval_accuracy": 0.25})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_plot_of_a_recipe_run_folder_draws_every_training_stage_in_order(tmp_path, capsys):
+    from tinyllm_jax.train.plot import make_recipe_figure, training_stages
+
+    run = tmp_path / "recipe"
+    write_metrics(run / "train", 2000.0)
+    write_metrics(run / "mentor", 1000.0)  # trained first
+    write_metrics(run / "previous" / "train" / "0123abcd", 500.0)  # an old output kept aside: not a stage
+    (run / "recipe.yaml").write_text("method: mentor_kd\n")
+    assert list(training_stages(run)) == ["mentor", "train"]
+    fig = make_recipe_figure(training_stages(run), title="recipe")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["mentor: training loss", "mentor: evaluation", "train: training loss", "train: evaluation"]
+
+    assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "plot.png") and (run / "plot.png").stat().st_size > 10_000
+    assert main(["plot", str(tmp_path / "empty")]) == 2
+    assert "no training stage below" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, override, key, owner", [
+    ("tinyllm", "fair.rounds=3", "fair.rounds", "fair"),
+    ("fair", "mentor.samples=5", "mentor.samples", "mentor_kd"),
+    ("step_by_step", "mentor.model.d_model=64", "mentor.model.d_model", "mentor_kd"),
+])
+def test_settings_of_another_method_are_refused_by_name(tmp_path, capsys, method, override, key, owner):
+    config = {"tinyllm": "demo_tinyllm", "fair": "demo_fair", "step_by_step": "demo_step_by_step"}[method]
+    assert main(["recipe", str(REPO / "configs" / "recipes" / f"{config}.yaml"), override, "--dry-run",
+                 f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: a setting of method {owner}, but this recipe's method is {method}" in err
