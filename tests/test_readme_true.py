@@ -100,3 +100,32 @@ def test_settings_of_another_method_are_refused_by_name(tmp_path, capsys, method
                  f"run_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert f"{key}: a setting of method {owner}, but this recipe's method is {method}" in err
+
+
+# ------------------------------------------------------------------ item 6: FAIR's round 0
+
+
+def test_fair_rounds_table_and_chart_start_from_round_0_the_warm_up_student(tmp_path):
+    from tinyllm_jax.recipes import fair
+    from tinyllm_jax.recipes.config import load_recipe
+    from tinyllm_jax.train.plot import make_rounds_figure
+
+    run = tmp_path / "run"
+    cfg = load_recipe(str(REPO / "configs" / "recipes" / "demo_fair.yaml"), [f"run_dir={run}", "fair.rounds=1"])
+    (run / "warmup").mkdir(parents=True)
+    (run / "warmup" / "summary.json").write_text(json.dumps({"best_step": 40, "best_eval_accuracy": 0.414}))
+    for stage, result in {"mine": {"mistakes": 120, "train_accuracy": 0.4},
+                          "evaluate": {"validation_accuracy": 0.227, "test_accuracy": 0.21}}.items():
+        (run / "round1" / stage).mkdir(parents=True)
+        (run / "round1" / stage / "stage.json").write_text(json.dumps({"status": "done", "result": result}))
+    rep = fair.report(cfg, run)
+    assert [r["round"] for r in rep["rounds"]] == [0, 1]
+    assert rep["rounds"][0]["validation_accuracy"] == 0.414 and rep["rounds"][0]["student"] == "warmup"
+    assert json.loads((run / "rounds.json").read_text()) == rep
+    table = fair.format_report(rep).splitlines()
+    assert table[1].split()[:2] == ["0", "(warmup)"] and "0.4140" in table[1]
+    assert table[2].split()[0] == "1" and "0.2270" in table[2]  # the round that made the student worse shows
+
+    ax = make_rounds_figure(rep["rounds"]).axes[0]
+    validation = next(line for line in ax.get_lines() if line.get_label() == "validation")
+    assert list(validation.get_xdata()) == [0, 1] and list(validation.get_ydata()) == [0.414, 0.227]

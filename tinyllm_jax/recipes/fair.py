@@ -399,9 +399,24 @@ def _read(path: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- the report
 
 
+def round_zero(cfg: RecipeConfig, run_dir: Path) -> dict[str, Any]:
+    """The student round 1 starts from (the warm-up student, model.init, or the reference's
+    published one), with its validation accuracy when it was evaluated (the warm-up's
+    selected checkpoint), so that a round that makes the student worse shows."""
+    if cfg.fair.round1_records:
+        return {"round": 0, "student": "published", "validation_accuracy": None, "test_accuracy": None}
+    if cfg.fair.warmup_steps <= 0:
+        return {"round": 0, "student": cfg.model.init, "validation_accuracy": None, "test_accuracy": None}
+    summary = stage_dir(run_dir, "warmup") / "summary.json"
+    best = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+    return {"round": 0, "student": "warmup", "validation_accuracy": best.get(f"best_{cfg.checkpoint.best_metric}"),
+            "test_accuracy": None}
+
+
 def report(cfg: RecipeConfig, run_dir: Path) -> dict[str, Any]:
-    """Per round: mistakes, requests, feedback and rationales collected, accepted, accuracy."""
-    rounds = []
+    """Per round: mistakes, requests, feedback and rationales collected, accepted, accuracy;
+    round 0 is the student round 1 starts from."""
+    rounds = [round_zero(cfg, run_dir)]
     for r in range(1, cfg.fair.rounds + 1):
         rd = f"round{r}"
         res = {name: (read_record(run_dir, f"{rd}/{name}") or {}).get("result") or {}
@@ -428,6 +443,10 @@ def format_report(rep: dict[str, Any]) -> str:
     head = ("round", "mistakes", "requests", "sent", "accepted", "unparseable", "val acc", "test acc")
     rows = [head]
     for r in rep["rounds"]:
+        if r["round"] == 0:  # the starting student: nothing mined or asked
+            rows.append((f"0 ({r['student']})", "-", "-", "-", "-", "-", _pct(r["validation_accuracy"]),
+                         _pct(r["test_accuracy"])))
+            continue
         acc = f"{r['accepted']}/{r['reviewed']}" if r["reviewed"] is not None else "no review"
         rows.append((r["round"], r["mistakes"], r["requests"], r["sent"], acc, r["unparseable_reviews"],
                      _pct(r["validation_accuracy"]), _pct(r["test_accuracy"])))
