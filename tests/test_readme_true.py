@@ -11,6 +11,8 @@ import pytest
 
 from tinyllm_jax.cli import build_parser, main
 
+from test_train_run import tok_dir  # noqa: F401  (a fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -129,3 +131,58 @@ def test_fair_rounds_table_and_chart_start_from_round_0_the_warm_up_student(tmp_
     ax = make_rounds_figure(rep["rounds"]).axes[0]
     validation = next(line for line in ax.get_lines() if line.get_label() == "validation")
     assert list(validation.get_xdata()) == [0, 1] and list(validation.get_ydata()) == [0.414, 0.227]
+
+
+# ------------------------------------------------------------------ item 7: "Your own data", as written
+
+
+def readme_section(title: str) -> str:
+    """The README's `### title` section, up to the next heading."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"### {title}\n")
+    return text[start:re.compile(r"\n##+ ").search(text, start + 1).start()]
+
+
+def fenced(section: str, lang: str) -> str:
+    return re.search(rf"```{lang}\n(.*?)```", section, re.S).group(1)
+
+
+def test_your_own_data_config_and_commands_run_as_written(tmp_path, monkeypatch, capsys, tok_dir):  # noqa: F811
+    import shlex
+
+    import yaml
+
+    from conftest import make_hf_t5
+    from tinyllm_jax.data.demo import make_demo_records
+    from tinyllm_jax.data.records import write_jsonl
+
+    section = readme_section("Your own data")
+    config_text = fenced(section, "yaml")
+    name = config_text.splitlines()[0].removeprefix("# ").strip()
+    monkeypatch.chdir(tmp_path)
+    Path(name).write_text(config_text)
+    config = yaml.safe_load(config_text)
+    for split, n in (("train", 64), ("validation", 8), ("test", 8)):  # the teacher the config names: gpt
+        records = [{**r, "rationales": {"gpt": r["rationales"]["careful"]}} for r in make_demo_records(n, 3, split)]
+        (path,) = config["data"][split]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, records)
+    Path("questions.jsonl").write_text('{"input": "predict: Ann has 3 pens and finds 2 more. How many pens?"}\n')
+
+    few_steps = ["train.steps=2", "eval.every_steps=2", "checkpoint.every_steps=2"]
+    commands = [shlex.split(line, comments=True) for line in fenced(section, "sh").splitlines() if line.strip()]
+    assert [c[1] for c in commands] == ["train", "eval", "predict", "export", "plot"]
+    for argv in commands:
+        assert argv[0] == "tinyllm"
+        extra = few_steps if argv[1] == "train" else []
+        assert main(argv[1:] + extra) == 0, (argv, capsys.readouterr().err[-2000:])
+    run = Path(config["run_dir"])
+    assert (run / "tokenizer" / "tokenizer_config.json").is_file()  # trained on the records
+    assert json.loads(Path("answers.jsonl").read_text())["prediction"] is not None
+    assert (Path("runs/my-data-hf") / "model.safetensors").is_file() and (run / "plot.png").is_file()
+
+    # a pretrained T5 instead, as the section says (here a tiny local one, for the hub id)
+    hub = re.search(r"`(tinyllm train [^`]*model\.init=[^`]*)`", section.replace("\n", " ")).group(1)
+    argv = shlex.split(hub.replace("google/flan-t5-base", str(make_hf_t5(tmp_path / "t5", tok_dir))))
+    assert main(argv[1:] + few_steps) == 0
+    assert json.loads(Path("runs/my-data-flan/model_config.json").read_text())["d_model"] == 32  # the init's size
