@@ -265,3 +265,25 @@ def test_every_key_a_config_header_names_exists_and_its_overrides_load(path):
         elif "." in key and value:  # "key: value" in prose describes this config: it says what it sets
             assert yaml.safe_load(value) == value_at(cfg, key.split(".")), (
                 f"{path.name}: its header says {key}: {value}, the config sets {value_at(cfg, key.split('.'))!r}")
+
+
+# ------------------------------------------------------------------ item 11: small things
+
+
+def test_a_teacher_streams_log_line_says_which_records_its_examples_come_from(spm_tokenizer):
+    """FAIR's training records are of two kinds: feedback records feed the feedback stream,
+    rationale records the rationale stream; each stream's line must not read as if records
+    it trains on lacked what it trains on ("300 examples, 300 records without rationale")."""
+    from tinyllm_jax.config import StreamConfig
+    from tinyllm_jax.data.records import make_record
+    from tinyllm_jax.data.streams import build_examples
+
+    records = [{**make_record(f"r{i}", "what is two plus three?", "five"), "rationales": {"rationale": ["so five"]}}
+               for i in range(2)]
+    records += [{**make_record(f"r{i}~feedback", "the answer is four?", "five"), "rationales": {"feedback": ["no"]}}
+                for i in range(3)]
+    streams = [StreamConfig("feedback", "feedback: ", 0.5, "feedback"), StreamConfig("rationale", "explain: ", 0.5,
+                                                                                      "rationale")]
+    stats = build_examples(records, streams, spm_tokenizer, 128, 32).stats
+    assert stats["feedback"].summary() == "3 examples from the 3 of 5 records that have a 'feedback' rationale"
+    assert stats["rationale"].summary() == "2 examples from the 2 of 5 records that have a 'rationale' rationale"
