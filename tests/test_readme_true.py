@@ -287,3 +287,25 @@ def test_a_teacher_streams_log_line_says_which_records_its_examples_come_from(sp
     stats = build_examples(records, streams, spm_tokenizer, 128, 32).stats
     assert stats["feedback"].summary() == "3 examples from the 3 of 5 records that have a 'feedback' rationale"
     assert stats["rationale"].summary() == "2 examples from the 2 of 5 records that have a 'rationale' rationale"
+
+
+def test_the_dry_runs_request_count_is_what_the_run_sends(tmp_path, capsys):
+    """Before the records exist, after the data stage, and as sent: one number (the records'
+    requests and the zero-shot pass for in-context examples)."""
+    from test_recipes import write_recipe
+
+    run = tmp_path / "run"
+    cfg = write_recipe(tmp_path / "r.yaml", run)
+
+    def planned() -> int:
+        assert main(["recipe", str(cfg), "--dry-run"]) == 0
+        return int(re.search(r"to do: +(\d+) teacher requests to send", capsys.readouterr().out).group(1))
+
+    before = planned()
+    assert main(["recipe", str(cfg), "--only", "data"]) == 0
+    capsys.readouterr()
+    after_data = planned()
+    assert main(["recipe", str(cfg), "--only", "rationales"]) == 0
+    sent = json.loads((run / "rationales" / "stage.json").read_text())["result"]["new_requests"]
+    cache = (run / "rationales" / "cache.jsonl").read_text().splitlines()
+    assert before == after_data == sent == len(cache) == 352  # 2 teachers x (152 records + 3 pools of 8)
