@@ -309,3 +309,39 @@ def test_the_dry_runs_request_count_is_what_the_run_sends(tmp_path, capsys):
     sent = json.loads((run / "rationales" / "stage.json").read_text())["result"]["new_requests"]
     cache = (run / "rationales" / "cache.jsonl").read_text().splitlines()
     assert before == after_data == sent == len(cache) == 352  # 2 teachers x (152 records + 3 pools of 8)
+
+
+def test_evaluation_time_stays_out_of_the_progress_bars_rate(tmp_path, tok_dir, monkeypatch, capsys):  # noqa: F811
+    """tqdm's ETA comes from a smoothed time per step; the steps whose interval also held a
+    10 s evaluation must not make that estimate jump (it would say the run has hours left)."""
+    import time
+
+    import tqdm.auto
+
+    from test_first_hour import files_config
+    from tinyllm_jax.eval import evaluate
+
+    seen: list[tuple[int, float]] = []  # (step, the training bar's smoothed seconds a step) at each redraw
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            if self.desc == "train" and self.last_print_n == self.n and self._ema_dn():
+                seen.append((self.n, self._ema_dt() / self._ema_dn()))
+            return out
+
+    run = evaluate.Evaluation.run
+
+    def slow_run(self, *a, **k):
+        time.sleep(10.0)
+        return run(self, *a, **k)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    monkeypatch.setattr(evaluate.Evaluation, "run", slow_run)
+    config = files_config(tmp_path, tok_dir)
+    # 32 steps first, so that the estimate has forgotten the first step's compilation
+    assert main(["train", str(config), "train.steps=48", "eval.every_steps=32", "checkpoint.every_steps=32",
+                 "train.progress=true"]) == 0
+    before = [v for step, v in seen if step <= 32][-1]
+    after = next(v for step, v in seen if step > 32)
+    assert after - before < 0.25, seen  # with the 10 s in it, about 0.7 s more (the redraw covers ~10 steps)

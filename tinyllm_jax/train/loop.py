@@ -400,9 +400,11 @@ def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
                 if eval_due or save_due:
                     flush(*pending)
                     pending = None
+                    paused = time.time()
                     eval_metrics = evaluator(trainer.state["params"], step, "validation") if eval_due else None
                     ckpt.save(step, trainer.state, data.state(),
                               metrics=eval_metrics if eval_metrics and cfg.checkpoint.best_metric in eval_metrics else None)
+                    interval_start = _leave_out_of_step_times(bar, interval_start, time.time() - paused)
                 if preempt.requested:
                     ckpt.wait()
                     raise preempt.interrupted(step)
@@ -427,6 +429,14 @@ def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
         bar.close()
         ckpt.close()
         metrics_log.close()
+
+
+def _leave_out_of_step_times(bar, interval_start: float, seconds: float) -> float:
+    """Evaluation and checkpoint time is no training time: the progress bar's rate (its ETA)
+    and the next logged tokens/s leave it out. Returns the shifted interval start."""
+    if not bar.disable:
+        bar.last_print_t += seconds  # tqdm's smoothed rate uses the time since its last print
+    return interval_start + seconds
 
 
 def _best_validation(run_dir: Path, best: int | None, metric: str) -> dict[str, Any]:
