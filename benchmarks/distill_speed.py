@@ -173,7 +173,7 @@ def make_sides(su: Setup) -> dict[str, dict[str, Any]]:
     cfg, weights = su.cfg, stream_weights([su.stream])
 
     def trainer(teacher):
-        distill = DistillConfig() if teacher is None else dataclasses.replace(cfg.distill, dtype=teacher.t5cfg.dtype)
+        distill = DistillConfig() if teacher is None else dataclasses.replace(cfg.distill, dtype=teacher.arch.dtype)
         return Trainer.create(dataclasses.replace(cfg, distill=distill), su.s_cfg, su.mesh, [su.stream.name],
                               weights, su.s_params, teacher)
 
@@ -186,7 +186,7 @@ def make_sides(su: Setup) -> dict[str, dict[str, Any]]:
         return {"fn": step, "compiled": tr.jitted_step.lower(tr.state, first, *extra).compile()}
 
     def forward_side(teacher):
-        model = T5(teacher.t5cfg, deterministic=True)
+        model = T5(teacher.arch, deterministic=True)
         fwd = jax.jit(lambda p, b: model.apply({"params": p}, *(b[k] for k in MODEL_INPUTS)),
                       in_shardings=(teacher.shardings, sharding.put_batch_shardings(su.mesh)))
         return {"fn": lambda b: fwd(teacher.params, b), "compiled": fwd.lower(teacher.params, first).compile()}
@@ -230,7 +230,7 @@ def summarise(su: Setup, sides: dict[str, dict[str, Any]], arch_name: str, quick
         "batch": {"rows": rows, "encoder_length": enc_len, "decoder_length": dec_len,
                   "student_train_flops_per_step": train_flops_per_step(su.s_cfg, rows, enc_len, dec_len),
                   "teacher_forward_flops_per_step": train_flops_per_step(
-                      su.teachers["float32"].t5cfg, rows, enc_len, dec_len) / 3},
+                      su.teachers["float32"].arch, rows, enc_len, dec_len) / 3},
         "step_time_s": {name: round(t, 5) for name, t in med.items()},
         "step_times_s": {name: [round(t, 4) for t in side["times"]] for name, side in sides.items()},
         "memory": {name: side["memory"] for name, side in sides.items()},

@@ -32,7 +32,7 @@ class OurRun:
 
     trainer: Any
     data: PackedIterator
-    t5cfg: Any
+    arch: Any
     rows: int
     encoder_length: int
     decoder_length: int
@@ -61,19 +61,19 @@ def make_our_run(model_dir: str, examples: Examples, streams: Sequence[StreamCon
     from tinyllm_jax.runtime import sharding
     from tinyllm_jax.train.loop import Trainer
 
-    _, params, _, t5cfg = load_pretrained(model_dir, tokenizer=False)
-    t5cfg = t5cfg.replace(dtype=dtype, remat=remat)
+    _, params, _, arch = load_pretrained(model_dir, tokenizer=False)
+    arch = arch.replace(dtype=dtype, remat=remat)
     cfg = Config(
-        model=ModelConfig(dtype=dtype, remat=remat, dropout_rate=t5cfg.dropout_rate),
+        model=ModelConfig(dtype=dtype, remat=remat, dropout_rate=arch.dropout_rate),
         data=DataConfig(streams=list(streams), encoder_length=encoder_length, decoder_length=decoder_length),
         mesh=MeshConfig(),
         optim=OptimConfig(name="adamw", learning_rate=5e-5, schedule="linear", clip_norm=1.0),
         train=TrainConfig(steps=total_steps, batch_size=rows, seed=seed, progress=False),
     )
     mesh = sharding.make_mesh(cfg.mesh)
-    trainer = Trainer.create(cfg, t5cfg, mesh, [s.name for s in streams], stream_weights(streams), params)
+    trainer = Trainer.create(cfg, arch, mesh, [s.name for s in streams], stream_weights(streams), params)
     data = PackedIterator(examples, rows, encoder_length, decoder_length, seed=seed, process_index=0, process_count=1)
-    return OurRun(trainer, data, t5cfg, rows, encoder_length, decoder_length)
+    return OurRun(trainer, data, arch, rows, encoder_length, decoder_length)
 
 
 def time_our_steps(run: OurRun, warmup: int, steps: int) -> tuple[list[float], list[dict[str, int]]]:
@@ -130,11 +130,11 @@ def summarise(times: Sequence[float], counts: Sequence[dict[str, Any]], flops_pe
     return out
 
 
-def reference_flops(t5cfg, shapes: Sequence[tuple[tuple[int, int], tuple[int, int]]]) -> float:
+def reference_flops(arch, shapes: Sequence[tuple[tuple[int, int], tuple[int, int]]]) -> float:
     """FLOPs of the reference's forward passes by the trainer's formula (padding computed)."""
     from tinyllm_jax.train.metrics import train_flops_per_step
 
-    return sum(train_flops_per_step(t5cfg, enc[0], enc[1], dec[1]) for enc, dec in shapes)
+    return sum(train_flops_per_step(arch, enc[0], enc[1], dec[1]) for enc, dec in shapes)
 
 
 def train_benchmark(model_dir: str, tokenizer, records: Sequence[dict[str, Any]], streams: Sequence[StreamConfig], *,
@@ -176,7 +176,7 @@ def train_benchmark(model_dir: str, tokenizer, records: Sequence[dict[str, Any]]
             t, c, pos = time_steps(ref, features, warmup if r == 0 else 0, steps_per_round, pos)
             ref_t += t
             ref_c += c
-    flops = train_flops_per_step(ours.t5cfg, rows, encoder_length, decoder_length)
+    flops = train_flops_per_step(ours.arch, rows, encoder_length, decoder_length)
     result = {
         "records_per_step": records_per_step, "dtype": dtype, "remat": remat,
         "max_input_length": max_input_length, "timed_steps": len(ours_t),
@@ -186,7 +186,7 @@ def train_benchmark(model_dir: str, tokenizer, records: Sequence[dict[str, Any]]
                  "params": param_count(ours.trainer.state["params"])},
     }
     if ref is not None:
-        ref_flops = statistics.fmean(reference_flops(ours.t5cfg, c["shapes"]) for c in ref_c)
+        ref_flops = statistics.fmean(reference_flops(ours.arch, c["shapes"]) for c in ref_c)
         result["reference"] = {**summarise(ref_t, ref_c, ref_flops, peak_total), "micro_batch": micro_batch,
                                "accum_steps": records_per_step // micro_batch,
                                "forward_passes_per_step": len(ref_c[0]["shapes"]),
@@ -253,7 +253,7 @@ def mfu_sweep(model_dir: str, tokenizer, records: Sequence[dict[str, Any]], stre
             run = make_our_run(model_dir, examples, streams, c["rows"], encoder_length, decoder_length,
                                dtype=dtype, remat=row["remat"])
             t, counts = time_our_steps(run, warmup, steps)
-            flops = train_flops_per_step(run.t5cfg, c["rows"], encoder_length, decoder_length)
+            flops = train_flops_per_step(run.arch, c["rows"], encoder_length, decoder_length)
             s = summarise(t, counts, flops, peak_total)
             row.update({k: s[k] for k in ("step_time_s", "real_tokens_per_s", "real_token_fraction",
                                           "flops_per_step", "achieved_tflops_per_s", "mfu", "examples_per_step")})

@@ -100,7 +100,7 @@ def test_teacher_is_sharded_by_the_students_rules_and_cast_to_bf16(models):
     s_cfg, _, tok = _student(models)
     cfg = _config(models[1], dtype="bfloat16")
     teacher = load_teacher(cfg, s_cfg, tok, sharding.make_mesh(cfg.mesh))
-    assert teacher.t5cfg.dtype == "bfloat16" and teacher.t5cfg.d_model == 48
+    assert teacher.arch.dtype == "bfloat16" and teacher.arch.d_model == 48
     leaves = jax.tree.leaves(teacher.params)
     assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves)
     assert jax.tree.structure(teacher.params) == jax.tree.structure(teacher.shardings)

@@ -168,3 +168,41 @@ def test_round1_from_the_published_fair_files(tmp_path):
     assert all("Student's answer: 7" in r["question"] for r in train if r["id"].endswith("~feedback"))
     mine = json.loads((run_dir / "round2" / "mine" / "stage.json").read_text())
     assert mine["settings"]["student"] == "round1/train"
+
+
+def test_fair_for_a_student_from_scratch_warmup_format_replay_schedule(tmp_path):
+    """The warm-up learns the rounds' format (the records' rationales under the rationale
+    stream), a round replays the other train questions, and the rounds continue the warm-up's
+    learning-rate schedule instead of warming up again."""
+    run_dir = tmp_path / "run"
+    fair = {**FAIR["fair"], "rounds": 1, "replay": 0.5, "warmup_teachers": ["careful"]}
+    cfg = write_recipe(tmp_path / "r.yaml", run_dir, **{**FAIR, "fair": fair, "train": {**TINY_RECIPE["train"], "steps": 4},
+                                                        "optim": {"learning_rate": 1e-3, "warmup_steps": 2}})
+    assert main(["recipe", str(cfg), "export.enabled=false"]) == 0
+    material = [json.loads(l) for l in (run_dir / "warmup" / "material.jsonl").read_text().splitlines()]
+    assert len(material) == 96 and all(r["rationales"]["rationale"][0].startswith(r["question"].split()[0] + " starts")
+                                       for r in material)  # the careful teacher's chains
+    train = [json.loads(l) for l in (run_dir / "round1" / "train" / "train.jsonl").read_text().splitlines()]
+    mistakes = {json.loads(l)["id"] for l in (run_dir / "round1" / "mine" / "mistakes.jsonl").read_text().splitlines()}
+    replayed = [r for r in train if "/replay/" in r["id"]]
+    assert len(replayed) == round(0.5 * (96 - len(mistakes)))
+    assert not {r["id"].split("/")[-1] for r in replayed} & mistakes
+    lr = lambda run: [json.loads(l)["lr"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
+    warm, round1 = lr(run_dir / "warmup"), lr(run_dir / "round1" / "train" / "student")
+    # one linear schedule of 6 + 4 steps, peak 1e-3 after 2: the round starts where the warm-up stopped
+    assert warm[:3] == pytest.approx([0.0, 5e-4, 1e-3]) and round1[0] == pytest.approx(1e-3 * 4 / 8)
+    assert round1 == pytest.approx([1e-3 * (4 - k) / 8 for k in range(4)])
+
+
+def test_fair_control_arm_trains_the_replay_alone(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    cfg = write_recipe(tmp_path / "r.yaml", run_dir, **{**FAIR, "fair": {**FAIR["fair"], "rounds": 1, "replay": 1.0,
+                                                                        "control": True}})
+    assert main(["recipe", str(cfg), "--dry-run"]) == 0
+    stages = [l.split(":")[0] for l in capsys.readouterr().out.splitlines() if l.startswith("stage ")]
+    assert not any(s.startswith(("stage round1/mine", "stage round1/feedback", "stage round1/review")) for s in stages)
+    assert main(["recipe", str(cfg), "export.enabled=false"]) == 0
+    train = [json.loads(l) for l in (run_dir / "round1" / "train" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 96 and all("/replay/" in r["id"] for r in train)
+    assert main(["recipe", str(cfg), "fair.replay=0"]) == 2
+    assert "fair.control" in capsys.readouterr().err

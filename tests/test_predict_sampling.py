@@ -28,7 +28,7 @@ def test_sampled_rows_follow_the_record_not_the_batch(tmp_path, tiny_t5_dir):
         cfg = Config(data=data, eval=EvalConfig(task="text", max_new_tokens=12, batch_size=batch_size),
                      train=TrainConfig(progress=False))
         sampling = {"temperature": 1.0, "top_k": 20, "seed": seed}
-        return {r["id"]: r["prediction"] for r in Evaluation(cfg, model.t5cfg, model.tokenizer).predict(
+        return {r["id"]: r["prediction"] for r in Evaluation(cfg, model.arch, model.tokenizer).predict(
             model.params, "train", sampling)}
 
     a = rows(records, 2, 7)

@@ -33,11 +33,17 @@ class ModelConfig:
     """The student. `init` names an HF checkpoint (directory or hub id) to start from;
     without it the student is built from the architecture fields, randomly initialised."""
 
-    init: Optional[str] = None  # an HF T5 directory, a hub id, or a training run directory
+    init: Optional[str] = None  # an HF directory (T5, Llama, Mistral, Qwen2, Qwen3), a hub id, or a training run
+    # a student built from scratch (no init): t5, or a decoder-only llama | mistral | qwen2 | qwen3,
+    # from the fields below (d_model: hidden size, d_ff: MLP size, num_layers, num_heads, d_kv: head size)
+    family: Literal["t5", "llama", "mistral", "qwen2", "qwen3"] = "t5"
     tokenizer: Optional[str] = None  # HF dir/hub id; defaults to `init`
     # with neither init nor tokenizer: train a SentencePiece BPE tokenizer of this many
     # pieces on the training records (the demos do; saved in RUN_DIR/tokenizer)
     train_tokenizer_vocab: Optional[int] = None
+    # more texts that tokenizer learns besides the records and the streams' targets (the
+    # recipes add the prefixes and target forms of streams their later stages train)
+    tokenizer_texts: list[str] = field(default_factory=list)
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64
@@ -51,6 +57,9 @@ class ModelConfig:
     dropout_rate: float = 0.1
     layer_norm_epsilon: float = 1e-6
     tie_word_embeddings: bool = False
+    num_kv_heads: Optional[int] = None  # decoder-only: key/value heads (grouped-query attention); None: num_heads
+    rope_theta: float = 10000.0  # decoder-only: rotary base
+    max_position_embeddings: int = 2048  # decoder-only: the longest sequence the exported config admits
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay fp32
     remat: Literal["none", "full", "dots"] = "none"
 
@@ -88,6 +97,11 @@ class DataConfig:
     max_target_length: int = 256
     encoder_length: int = 512  # packed row length, encoder side
     decoder_length: int = 256  # packed row length, decoder side
+    # a decoder-only student: its packed row length (prompt + target of each example); None:
+    # encoder_length + decoder_length
+    sequence_length: Optional[int] = None
+    prompt_suffix: str = "\n"  # a decoder-only student's prompt: prefix + input + this, then the target
+    chat_template: bool = False  # a decoder-only student's prompt in its tokenizer's chat template
     max_segments_per_row: Optional[int] = None  # cap on examples packed into one row
     cache_dir: Optional[str] = None  # tokenized examples are cached here (.npz) when set
     lenient: bool = False
@@ -109,6 +123,7 @@ class MeshConfig:
             ["embed", "fsdp"],
             ["vocab", "tensor"],
             ["heads", "tensor"],
+            ["kv_heads", "tensor"],  # a decoder-only model's key/value heads (fewer with grouped queries)
             ["mlp", "tensor"],
             ["kv", None],
             ["length", None],
@@ -131,6 +146,11 @@ class OptimConfig:
     grad_accum_steps: int = 1
     z_loss: float = 0.0
     label_smoothing: float = 0.0
+    # a run that continues another's schedule (FAIR's rounds after the warm-up): the learning
+    # rate of step s is the schedule's at schedule_offset + s, over schedule_steps in all
+    # (None: schedule_offset + train.steps)
+    schedule_offset: int = 0
+    schedule_steps: Optional[int] = None
 
 
 @dataclass
@@ -189,7 +209,7 @@ class TeacherConfig:
     """One teacher LLM for `tinyllm rationales`: an OpenAI-compatible server or a local T5."""
 
     name: str
-    backend: Literal["openai", "local-t5", "demo"] = "openai"
+    backend: Literal["openai", "local", "local-t5", "demo"] = "openai"  # local: our JAX models (local-t5, its old name)
     # served model name (openai), an HF T5 directory / hub id / run directory (local-t5),
     # or the style of a demo teacher (demo: careful or terse)
     model: str = ""

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from tinyllm_jax.errors import UserError
-from tinyllm_jax.model.t5 import T5Config
 
 
 @dataclass
@@ -25,7 +24,7 @@ class LoadedModel:
     """Host (numpy) parameters with their architecture and tokenizer; `step` is the run
     checkpoint they came from (None for an HF model)."""
 
-    t5cfg: T5Config
+    arch: Any  # the architecture, of either family (model/family.py)
     params: Any
     tokenizer: Any
     source: str
@@ -37,11 +36,14 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "model_config.json").is_file()
 
 
-def run_model_config(run_dir: str | Path) -> T5Config:
+def run_model_config(run_dir: str | Path) -> Any:
+    """The run's student architecture (either family: model/family.py)."""
+    from tinyllm_jax.model.family import arch_from_json
+
     path = Path(run_dir) / "model_config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a training run directory (no model_config.json); train first or set run_dir=")
-    return T5Config(**json.loads(path.read_text()))
+    return arch_from_json(path.read_text(), str(path))
 
 
 def selected_step(run_dir: str | Path, step: int | None = None) -> int:
@@ -73,14 +75,14 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedModel:
     from tinyllm_jax.runtime.checkpoint import Checkpointer
 
     run_dir = Path(run_dir)
-    t5cfg = run_model_config(run_dir)
+    arch = run_model_config(run_dir)
     step = selected_step(run_dir, step)
     ckpt = Checkpointer(run_dir / "checkpoints", load_config(run_dir / "config.yaml").checkpoint, read_only=True)
     try:
         params = ckpt.restore_params(step)
     finally:
         ckpt.close()
-    return LoadedModel(t5cfg, params, load_tokenizer(str(run_dir / "tokenizer")), str(run_dir), step)
+    return LoadedModel(arch, params, load_tokenizer(str(run_dir / "tokenizer")), str(run_dir), step)
 
 
 def load_model(name_or_path: str, step: int | None = None, tokenizer: bool = True) -> LoadedModel:
@@ -89,19 +91,19 @@ def load_model(name_or_path: str, step: int | None = None, tokenizer: bool = Tru
         return load_run(name_or_path, step)
     if step is not None:
         raise UserError(f"{name_or_path}: a checkpoint step applies to a training run directory only")
-    from tinyllm_jax.model.hf import load_pretrained
+    from tinyllm_jax.model.family import load_pretrained
 
-    _, params, tok, t5cfg = load_pretrained(name_or_path, tokenizer=tokenizer)
-    return LoadedModel(t5cfg, params, tok, name_or_path)
+    params, arch, tok = load_pretrained(name_or_path, tokenizer=tokenizer)
+    return LoadedModel(arch, params, tok, name_or_path)
 
 
 def export_command(src: str, out_dir: str, step: int | None = None) -> Path:
     """`tinyllm export`: a training run (its selected checkpoint, or `step`), an HF
-    directory or a hub id, written as an HF T5 checkpoint."""
-    from tinyllm_jax.model.hf import save_pretrained
+    directory or a hub id, written as an HF checkpoint of its family (T5, or a causal LM)."""
+    from tinyllm_jax.model.family import save_pretrained
 
     model = load_model(src, step)
-    out = save_pretrained(model.params, model.t5cfg.replace(dtype="float32"), out_dir, model.tokenizer)
+    out = save_pretrained(model.params, model.arch.replace(dtype="float32"), out_dir, model.tokenizer)
     what = f"{src} step {model.step}" if model.step is not None else src
     print(f"exported {what} to {out} ({sum(1 for _ in out.iterdir())} files)")
     return out

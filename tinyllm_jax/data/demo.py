@@ -8,8 +8,11 @@
 Two teachers of different style and quality, so that `configs/demo.yaml` shows multi-teacher
 distillation on a laptop CPU in minutes with nothing downloaded. The vocabulary is tiny (six
 names, six objects, four verbs, numbers up to 20) so a SentencePiece vocabulary of a few
-hundred pieces covers it. Everything is deterministic by seed, and each question belongs to
-one split only (by a hash of its text), whatever the seed and sizes.
+hundred pieces covers it. Everything is deterministic by seed, and each arithmetic signature
+(the start count and the sequence of signed changes) belongs to one split only, whatever the
+seed and sizes: two questions that differ only in a name, an object or a verb ("buys" or
+"finds") are the same problem, so a split by question text would put the same sum in train
+and test.
 """
 
 from __future__ import annotations
@@ -30,13 +33,19 @@ LOSSES = ("gives away {k}", "loses {k}")
 MAX_COUNT = 20
 TEACHERS = ("careful", "terse")
 TERSE_ERROR_RATE = 0.15
-# question hash bucket (of 20) -> split: 90% train, 5% validation, 5% test
+# signature hash bucket (of 20) -> split: 90% train, 5% validation, 5% test
 SPLIT_BUCKETS = {"train": range(0, 18), "validation": range(18, 19), "test": range(19, 20)}
 FILE_NAMES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
 
 
-def _split_of(question: str) -> str:
-    bucket = int(hashlib.sha256(question.encode()).hexdigest(), 16) % 20
+def signature(start: int, changes: Sequence[int]) -> str:
+    """A problem's arithmetic, whatever its wording: "9|+5,-3"."""
+    return f"{start}|" + ",".join(f"{k:+d}" for k in changes)
+
+
+def split_of(start: int, changes: Sequence[int]) -> str:
+    """The split a problem belongs to, by a hash of its arithmetic signature."""
+    bucket = int(hashlib.sha256(signature(start, changes).encode()).hexdigest(), 16) % 20
     return next(s for s, r in SPLIT_BUCKETS.items() if bucket in r)
 
 
@@ -133,7 +142,7 @@ def make_demo_records(n: int, seed: int, split: str, terse_error_rate: float = T
             raise UserError(f"demo: cannot make {n} distinct {split} questions; ask for fewer")
         name, obj, start, changes = _problem(rng)
         question = _question(rng, name, obj, start, changes)
-        if question in seen or _split_of(question) != split:
+        if question in seen or split_of(start, changes) != split:
             continue
         seen.add(question)
         answer = start + sum(changes)
@@ -146,7 +155,7 @@ def make_demo_records(n: int, seed: int, split: str, terse_error_rate: float = T
             f"demo-{split}-{i}", question, str(answer), options if choices else [],
             rationales={"careful": [careful_rationale(name, start, changes, answer)],
                         "terse": [terse_rationale(start, changes, terse_answer)]},
-            meta={"terse_correct": terse_answer == answer},
+            meta={"terse_correct": terse_answer == answer, "signature": signature(start, changes)},
         ))
     return records
 

@@ -12,6 +12,13 @@ the target shifted right within its segment, each segment starting with 0 (T5's 
 start token, also the pad id). `decoder_stream_ids` holds the example's stream index;
 the loss mask is `decoder_segment_ids > 0`.
 
+A decoder-only student reads one sequence a row (`CAUSAL`, seqio's decoder-only names):
+example i is prompt + target (its `enc` and `dec` ids) as one segment, `decoder_input_tokens`
+the sequence but its last token, `decoder_target_tokens` the sequence but its first, and
+`decoder_loss_weights` 1 exactly where a target token is predicted (the prompt, a chat
+template included, is never trained on). Packing fills that one length; a `Layout` says
+which lengths an example takes and how rows become a batch.
+
 The packer is written by hand: seqio's needs TensorFlow and fills rows in arrival order,
 while here each row picks, from a pool of candidates, the examples that keep its two sides
 filling together, so answer examples (long input, short target) and rationale examples
@@ -38,6 +45,10 @@ BATCH_KEYS = (
     "encoder_input_tokens", "encoder_segment_ids", "encoder_positions",
     "decoder_target_tokens", "decoder_input_tokens", "decoder_segment_ids",
     "decoder_positions", "decoder_stream_ids",
+)
+CAUSAL_KEYS = (
+    "decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
+    "decoder_stream_ids", "decoder_loss_weights",
 )
 
 
@@ -112,16 +123,19 @@ def suggest_lengths(examples: Examples | Lengths, encoder_length: int | None = N
 
 
 def check_lengths(examples: Examples | Lengths, encoder_length: int, decoder_length: int,
-                  min_fill: float = 0.9) -> LengthReport:
+                  min_fill: float = 0.9, keys: tuple[str, str] = ("data.encoder_length", "data.decoder_length")
+                  ) -> LengthReport:
     """Raises UserError when an example cannot fit a row; warns when the lengths' ratio is so
     far from the data's that one side would fill under `min_fill` even if packed perfectly."""
     r = length_report(examples, encoder_length, decoder_length)
     if r.longest_enc > encoder_length or r.longest_dec > decoder_length:
+        one_side = keys[0] == keys[1]  # a causal row: one sequence
+        longest = str(r.longest_enc) if one_side else f"{r.longest_enc} encoder and {r.longest_dec} decoder"
+        rows = (f"{keys[0]}={encoder_length}" if one_side
+                else f"{keys[0]}={encoder_length} and {keys[1]}={decoder_length}")
         raise UserError(
-            f"packing: the longest example has {r.longest_enc} encoder and {r.longest_dec} decoder "
-            f"tokens, rows hold data.encoder_length={encoder_length} and "
-            f"data.decoder_length={decoder_length}; raise them or lower data.max_input_length / "
-            "data.max_target_length"
+            f"packing: the longest example has {longest} tokens, rows hold "
+            f"{rows}; raise them or lower data.max_input_length / data.max_target_length"
         )
     if min(r.expected_enc_fill, r.expected_dec_fill) < min_fill:
         log.warning(
@@ -236,6 +250,84 @@ def rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_size: in
     return b
 
 
+def causal_rows_to_batch(examples: Examples, rows: Sequence[np.ndarray], batch_size: int,
+                         sequence_length: int, _unused: int | None = None) -> dict[str, np.ndarray]:
+    """The decoder-only batch dict (CAUSAL_KEYS) for `rows`: each example its prompt and
+    target as one segment, inputs and targets one token apart, loss weights on the target."""
+    b = {k: np.zeros((batch_size, sequence_length), np.int32) for k in CAUSAL_KEYS}
+    counts = np.asarray([len(r) for r in rows], np.int64)
+    if not counts.sum():
+        return b
+    ex = np.concatenate(rows).astype(np.int64)
+    row = np.repeat(np.arange(len(rows)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    seg = np.arange(len(ex)) - first + 1
+    n_enc = examples.enc_offsets[ex + 1] - examples.enc_offsets[ex]
+    n = n_enc + examples.dec_offsets[ex + 1] - examples.dec_offsets[ex] - 1  # positions: the sequence less one
+    ends = np.cumsum(n)
+    col0 = ends - n - (ends - n)[first]
+    pos = np.arange(ends[-1]) - np.repeat(ends - n, n)  # position within the segment
+    at = (np.repeat(row, n), np.repeat(col0, n) + pos)
+
+    def token(k):  # token k of each position's sequence (prompt, then target)
+        in_enc = k < np.repeat(n_enc, n)
+        enc_at = np.repeat(examples.enc_offsets[ex], n) + k
+        dec_at = np.repeat(examples.dec_offsets[ex] - n_enc, n) + k
+        return np.where(in_enc, examples.enc_tokens[np.minimum(enc_at, len(examples.enc_tokens) - 1)],
+                        examples.dec_tokens[np.clip(dec_at, 0, max(len(examples.dec_tokens) - 1, 0))])
+
+    b["decoder_input_tokens"][at] = token(pos)
+    b["decoder_target_tokens"][at] = token(pos + 1)
+    b["decoder_segment_ids"][at] = np.repeat(seg, n)
+    b["decoder_positions"][at] = pos
+    b["decoder_stream_ids"][at] = np.repeat(examples.stream_ids[ex], n)
+    b["decoder_loss_weights"][at] = (pos + 1 >= np.repeat(n_enc, n)).astype(np.int32)
+    return b
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How examples become rows: the two lengths packing fills for each example, the
+    config keys that size them, and the batch a set of rows makes. An encoder-decoder row
+    fills its encoder and decoder sides; a causal row one sequence (counted on both sides,
+    so the same packer serves it)."""
+
+    name: str
+    keys: tuple[str, ...]
+    length_keys: tuple[str, str]
+    lengths: Any  # Examples -> Lengths
+    batch: Any  # (examples, rows, batch_size, length_a, length_b) -> dict
+
+
+ENCODER_DECODER = Layout("encoder-decoder", BATCH_KEYS, ("data.encoder_length", "data.decoder_length"),
+                         lambda ex: Lengths(ex.enc_lengths, ex.dec_lengths), rows_to_batch)
+
+
+def _causal_lengths(ex: Examples) -> Lengths:
+    n = ex.enc_lengths + ex.dec_lengths - 1
+    return Lengths(n, n)
+
+
+CAUSAL = Layout("causal", CAUSAL_KEYS, ("data.sequence_length", "data.sequence_length"), _causal_lengths,
+                causal_rows_to_batch)
+
+
+LAYOUTS = {layout.name: layout for layout in (ENCODER_DECODER, CAUSAL)}
+
+
+def layout_of(name: str) -> Layout:
+    return LAYOUTS[name]
+
+
+def row_lengths(data: Any, layout: Layout) -> tuple[int, int]:
+    """The two lengths the rows of `layout` have under a `DataConfig`: (encoder, decoder), or a
+    causal row's `sequence_length` (default: encoder_length + decoder_length) twice."""
+    if layout is CAUSAL:
+        n = data.sequence_length or data.encoder_length + data.decoder_length
+        return n, n
+    return data.encoder_length, data.decoder_length
+
+
 def padded_batches(examples: Examples, batch_size: int, encoder_length: int | None = None,
                    decoder_length: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """One example a row, in order (for evaluation); the last batch is topped up with empty
@@ -313,7 +405,7 @@ class PackedIterator:
     def __init__(self, examples: Examples, batch_size: int, encoder_length: int, decoder_length: int,
                  *, seed: int = 0, max_segments_per_row: int | None = None, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None, pool_size: int = 1024,
-                 share: RowShare | None = None):
+                 share: RowShare | None = None, layout: Layout = ENCODER_DECODER):
         if len(examples) == 0:
             raise UserError("packing: no examples")
         if share is None:
@@ -328,17 +420,22 @@ class PackedIterator:
                             f"shared in ({share.num_blocks} row blocks (processes) x {share.microbatches} microbatches)")
         if not all(0 <= b < share.num_blocks for b in share.blocks) or list(share.blocks) != sorted(set(share.blocks)):
             raise UserError(f"row share: blocks {share.blocks} are not distinct and in 0..{share.num_blocks - 1}")
-        self.long_factor = long_factor(examples, encoder_length, decoder_length)
-        self.fits = (examples.enc_lengths <= encoder_length) & (examples.dec_lengths <= decoder_length)
+        self.layout = layout
+        self.lengths = sizes = layout.lengths(examples)
+        ka, kb = layout.length_keys
+        self.long_factor = long_factor(sizes, encoder_length, decoder_length)
+        self.fits = (sizes.enc_lengths <= encoder_length) & (sizes.dec_lengths <= decoder_length)
         f = self.long_factor
         if f > 1:
             long_rows = batch_size // f
             if batch_size % f or long_rows % share.parts:
-                r = length_report(examples, encoder_length, decoder_length)
+                r = length_report(sizes, encoder_length, decoder_length)
                 raise UserError(
-                    f"packing: {int((~self.fits).sum())} examples (the longest: {r.longest_enc} encoder, "
-                    f"{r.longest_dec} decoder tokens) do not fit rows of data.encoder_length={encoder_length}, "
-                    f"data.decoder_length={decoder_length}; they would train in long batches of "
+                    f"packing: {int((~self.fits).sum())} examples (the longest: "
+                    f"{r.longest_enc if ka == kb else f'{r.longest_enc} encoder, {r.longest_dec} decoder'} "
+                    f"tokens) do not fit rows of "
+                    f"{f'{ka}={encoder_length}' if ka == kb else f'{ka}={encoder_length}, {kb}={decoder_length}'}; "
+                    "they would train in long batches of "
                     f"{batch_size}/{f} rows {f}x longer, but train.batch_size={batch_size} is not divisible by "
                     f"{f * share.parts} ({f} x {share.parts} parts: processes x microbatches). Raise the lengths, make the batch "
                     "size a multiple, or lower data.max_input_length / data.max_target_length")
@@ -346,7 +443,8 @@ class PackedIterator:
                      "batches of %d rows of (%d, %d)", int((~self.fits).sum()), len(examples), encoder_length,
                      decoder_length, long_rows, encoder_length * f, decoder_length * f)
         if self.fits.any():  # the fill warning, for the examples ordinary rows take
-            check_lengths(Lengths.of(examples, self.fits), encoder_length, decoder_length)
+            check_lengths(Lengths(sizes.enc_lengths[self.fits], sizes.dec_lengths[self.fits]), encoder_length,
+                          decoder_length, keys=layout.length_keys)
         self.examples = examples
         self.batch_size = batch_size
         self.encoder_length = encoder_length
@@ -376,7 +474,7 @@ class PackedIterator:
         if self._plan_epoch != epoch:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.examples))
-            enc, dec, f = self.examples.enc_lengths, self.examples.dec_lengths, self.long_factor
+            enc, dec, f = self.lengths.enc_lengths, self.lengths.dec_lengths, self.long_factor
             pack = dict(max_segments=self.max_segments, pool_size=self.pool_size)
             long_batches: list[list[np.ndarray]] = []
             if f > 1:
@@ -436,7 +534,8 @@ class PackedIterator:
         """This process's share of the global batch made of `global_rows`: rows of the
         ordinary lengths, or (factor = long_factor) of a long batch."""
         rows = self.share.rows(global_rows, self.batch_size // factor)
-        return rows_to_batch(self.examples, rows, len(rows), self.encoder_length * factor, self.decoder_length * factor)
+        return self.layout.batch(self.examples, rows, len(rows), self.encoder_length * factor,
+                                 self.decoder_length * factor)
 
     def _maybe_next_epoch(self) -> bool:
         """Moves on to the next epoch once this one's rows and long batches are all handed out."""

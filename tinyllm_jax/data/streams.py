@@ -113,6 +113,29 @@ def format_input(record: dict[str, Any], prefix: str = "") -> str:
     return prefix + "\n".join(p for p in parts if p)
 
 
+# --------------------------------------------------------------------------- tokenizer text
+
+
+def tokenizer_corpus(records: Sequence[dict[str, Any]], streams: Sequence[StreamConfig],
+                     extra: Sequence[str] = ()) -> list[str]:
+    """Every text a tokenizer trained for these records and streams must read and write: the
+    student's inputs (with each stream's prefix), every answer, and every teacher stream's
+    targets in its own form ("{rationale} --> {answer}" included), then `extra`. A tokenizer
+    trained on these leaves no target without pieces of its own (no unknown token)."""
+    texts = [s.prefix for s in streams if s.prefix] + list(extra)
+    texts += [render_target(s.target, "", "") for s in streams if s.teacher is not None and s.target != DEFAULT_TARGET]
+    for r in records:
+        texts.append(format_input(r))
+        texts.append(r["answer"])
+        texts.extend(a for answers in r.get("teacher_answers", {}).values() for a in answers)
+        for stream in streams:
+            if stream.teacher is not None:
+                texts.extend(render_target(stream.target, x, r["answer"]) for x in r.get("rationales", {}).get(stream.teacher, []))
+        named = {s.teacher for s in streams}
+        texts.extend(x for t, xs in r.get("rationales", {}).items() if t not in named for x in xs)
+    return texts
+
+
 # --------------------------------------------------------------------------- examples
 
 
@@ -249,6 +272,26 @@ def check_streams(streams: Sequence[StreamConfig], records: Sequence[dict[str, A
             )
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """How a decoder-only student reads its input (`causal`): the prefixed input text, then
+    `suffix`, tokenized as the tokenizer does it (BOS included where it adds one); or, with
+    `chat_template`, the prefixed input as one user turn in the tokenizer's chat template
+    with the assistant's turn opened. The target follows, then EOS. An encoder-decoder
+    student (not causal) reads the input alone, ending with EOS."""
+
+    causal: bool = False
+    suffix: str = "\n"
+    chat_template: bool = False
+
+
+ENCODER_INPUT = Prompt()
+
+
+def prompt_of(cfg: DataConfig, causal: bool) -> Prompt:
+    return Prompt(True, cfg.prompt_suffix, cfg.chat_template) if causal else ENCODER_INPUT
+
+
 def build_examples(
     records: Sequence[dict[str, Any]],
     streams: Sequence[StreamConfig],
@@ -258,20 +301,24 @@ def build_examples(
     answer_source: str = "gold",
     lenient: bool = False,
     cache_dir: str | Path | None = None,
+    prompt: Prompt = ENCODER_INPUT,
 ) -> Examples:
     """Tokenizes every stream's examples once; with `cache_dir`, reuses an earlier result
     for the same records, streams, lengths and tokenizer. Stream ids follow `streams` order.
+    `prompt` says how the input is written (an encoder's input, or a decoder-only prompt).
 
     An input whose prefix, question and choices exceed `max_input_length` even with no
     context and the question cut away cannot be built: UserError, or skipped with `lenient`."""
     check_streams(streams, records, answer_source)
     cache = None
     if cache_dir is not None:
-        key = _cache_key(records, streams, tokenizer, max_input_length, max_target_length, answer_source, lenient)
+        key = _cache_key(records, streams, tokenizer, max_input_length, max_target_length, answer_source, lenient,
+                         *([dataclasses.asdict(prompt)] if prompt.causal else []))
         cache = Path(cache_dir) / f"examples-{key}.npz"
         if cache.is_file():
             return Examples.load(cache)
-    examples = _ExampleBuilder(records, tokenizer, max_input_length, max_target_length, lenient).build(
+    builder = _PromptBuilder if prompt.causal else _ExampleBuilder
+    examples = builder(records, tokenizer, max_input_length, max_target_length, lenient, prompt).build(
         streams, answer_source)
     for name, st in examples.stats.items():
         (log.warning if st.question_truncated or st.skipped else log.info)("stream %s: %s", name, st.summary())
@@ -281,14 +328,15 @@ def build_examples(
 
 
 def examples_for_split(cfg: DataConfig, split: str, tokenizer: Any,
-                       streams: Sequence[StreamConfig] | None = None) -> Examples:
-    """Loads `split` as `cfg` says and builds its examples (all of `cfg.streams` by default)."""
+                       streams: Sequence[StreamConfig] | None = None, causal: bool = False) -> Examples:
+    """Loads `split` as `cfg` says and builds its examples (all of `cfg.streams` by default),
+    as prompts of a decoder-only student when `causal`."""
     from tinyllm_jax.data.sources import load_split
 
     records, _ = load_split(cfg, split)
     return build_examples(records, streams if streams is not None else cfg.streams, tokenizer,
                           cfg.max_input_length, cfg.max_target_length, cfg.answer_source,
-                          cfg.lenient, cfg.cache_dir)
+                          cfg.lenient, cfg.cache_dir, prompt_of(cfg, causal))
 
 
 def _cache_key(records, streams, tokenizer, *settings) -> str:
@@ -304,7 +352,9 @@ def _cache_key(records, streams, tokenizer, *settings) -> str:
 class _ExampleBuilder:
     """Tokenizes the pieces of every record once, then assembles each stream's examples."""
 
-    def __init__(self, records, tokenizer, max_input_length: int, max_target_length: int, lenient: bool):
+    def __init__(self, records, tokenizer, max_input_length: int, max_target_length: int, lenient: bool,
+                 prompt: Prompt = ENCODER_INPUT):
+        self.prompt = prompt
         self.records = records
         self.tok = tokenizer
         self.max_in = max_input_length
@@ -390,6 +440,60 @@ class _ExampleBuilder:
                 st.question_truncated += 1
                 q = q[len(q) - room:]
         return prefix + ctx + q + ch + [self.eos]
+
+
+class _PromptBuilder(_ExampleBuilder):
+    """A decoder-only student's examples: the prompt is the whole input text tokenized at
+    once (so the tokenizer's own joins, BOS and chat template apply), cut to fit as the
+    encoder input is (context first, then the question's start), and never ends in EOS."""
+
+    def _input(self, i: int, prefix: list[int], st: StreamStats, stream: str) -> list[int]:
+        r = self.records[i]
+        ctx, q, ch = r.get("context") or "", r["question"], format_choices(r.get("choices", ()))
+        ids = self._prompt_ids(self._prefix_text, ctx, q, ch)
+        if len(ids) <= self.max_in:
+            return ids
+        if ctx:
+            st.context_truncated += 1
+            ctx_ids = self.context[i]
+            keep = len(ctx_ids)
+            while keep > 0 and len(ids) > self.max_in:
+                keep = max(0, keep - (len(ids) - self.max_in) - 1)
+                ids = self._prompt_ids(self._prefix_text, self.tok.decode(ctx_ids[:keep]), q, ch)
+            if len(ids) <= self.max_in:
+                return ids
+        q_ids = self.question[i]
+        keep = len(q_ids)
+        while keep > 0 and len(ids) > self.max_in:  # the question's end: where the ask usually is
+            keep = max(0, keep - (len(ids) - self.max_in) - 1)
+            ids = self._prompt_ids(self._prefix_text, "", self.tok.decode(q_ids[len(q_ids) - keep:]), ch)
+        if len(ids) > self.max_in:
+            raise UserError(
+                f"record {r['id']!r}, stream {stream!r}: the prompt without its question and context takes "
+                f"{len(ids)} tokens, over max_input_length {self.max_in}; raise data.max_input_length")
+        st.question_truncated += 1
+        return ids
+
+    def _targets(self, stream: StreamConfig, answer_source: str, st: StreamStats):
+        self._prefix_text = stream.prefix
+        yield from super()._targets(stream, answer_source, st)
+
+    def _prompt_ids(self, prefix: str, ctx: str, q: str, ch: str) -> list[int]:
+        text = prefix + "\n".join(p for p in (ctx, q, ch) if p)
+        if self.prompt.chat_template:
+            ids = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self._leading_specials + self.tok(text + self.prompt.suffix, add_special_tokens=False)["input_ids"]
+
+    @property
+    def _leading_specials(self) -> list[int]:
+        """What the tokenizer puts before a text (BOS for Llama; nothing for Qwen or T5)."""
+        if not hasattr(self, "_lead"):
+            plain = self.tok("a", add_special_tokens=False)["input_ids"]
+            full = self.tok("a", add_special_tokens=True)["input_ids"]
+            self._lead = full[: full.index(plain[0])] if plain and plain[0] in full else []
+        return self._lead
 
 
 def _flat(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

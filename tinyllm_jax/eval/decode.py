@@ -75,7 +75,7 @@ def generate(model_or_cfg: T5 | T5Config, params: Any, encoder_tokens: Any, max_
     return fn(params, jnp.asarray(encoder_tokens, jnp.int32), rng)
 
 
-def generate_ids(cfg: T5Config, params: Any, token_lists: Sequence[Sequence[int]],
+def generate_ids(cfg: Any, params: Any, token_lists: Sequence[Sequence[int]],
                  max_new_tokens: int | Sequence[int], batch_size: int = 32, progress: bool = False,
                  shard_batch: Callable | None = None, *, mesh: Mesh | None = None, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
@@ -110,10 +110,24 @@ def _mesh_of(shard_batch: Callable, rows: int) -> tuple[Mesh | None, tuple | Non
     return sharding.mesh, tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
-def generate_texts(cfg: T5Config, params: Any, tokenizer, texts: Sequence[str], max_new_tokens: int,
+def input_ids(cfg: Any, tokenizer, texts: Sequence[str], max_input_length: int | None = None) -> list[list[int]]:
+    """Token ids of each text as the model reads an input: a T5's with its tokenizer's special
+    tokens (the closing EOS); a decoder-only model's as its tokenizer writes a prompt, the
+    leading specials kept (BOS where it adds one) and no EOS after it. Long inputs keep
+    their first `max_input_length` tokens."""
+    from tinyllm_jax.model.family import family_of
+
+    if family_of(cfg).layout != "causal":
+        return tokenizer(list(texts), truncation=max_input_length is not None, max_length=max_input_length)["input_ids"]
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    ids = [x[:-1] if len(x) > 1 and x[-1] == tokenizer.eos_token_id else x for x in ids]
+    return [x[:max_input_length] for x in ids] if max_input_length is not None else ids
+
+
+def generate_texts(cfg: Any, params: Any, tokenizer, texts: Sequence[str], max_new_tokens: int,
                    batch_size: int = 32, max_input_length: int | None = None, progress: bool = False,
                    shard_batch: Callable | None = None, **sampling) -> list[str]:
-    """Text in, text out: tokenises, decodes with `generate_ids`, detokenises."""
-    enc = tokenizer(list(texts), truncation=max_input_length is not None, max_length=max_input_length)["input_ids"]
+    """Text in, text out: tokenises (`input_ids`), decodes with `generate_ids`, detokenises."""
+    enc = input_ids(cfg, tokenizer, texts, max_input_length)
     ids = generate_ids(cfg, params, enc, max_new_tokens, batch_size, progress, shard_batch, **sampling)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -17,6 +17,12 @@ page order (`PagedCache`). Shapes stay few, so compiles stay few: the slot count
 newcomers are encoded in groups of `admit_rows` at bucketed lengths, and the pool size and
 the cross-attention length change in coarse steps.
 
+A decoder-only model takes the same slots: its prompt, less its last token, is prefilled into
+the row's context keys and values (where a T5's encoder output goes: `cross_kv`), its last
+token is the row's first input, at the prompt's position; the step attends over the context
+and the row's pages in one softmax (`PagedCache` with a context; grouped-query heads read their
+shared key/value head). The family's own parts are `_Family` below.
+
 Written by hand: no maintained JAX library batches an encoder-decoder this way.
 
 Each request's result depends on the model, its input, the settings and its own seed only:
@@ -41,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tinyllm_jax.model.t5 import NEG_INF, T5, T5Config
+from tinyllm_jax.model.family import family_of
+from tinyllm_jax.model.t5 import NEG_INF, T5
 
 
 def bucket_length(n: int, multiple: int = 16) -> int:
@@ -121,9 +128,10 @@ class Slots(NamedTuple):
     page_owner: jax.Array  # [N] the slot holding the page; S: free
     page_index: jax.Array  # [N] which of its owner's pages it is (positions index*PAGE ...)
     slot_pages: jax.Array  # [S, M] the pages of each slot in order; -1: none (M = ceil(T / PAGE))
-    cross_kv: tuple  # per decoder layer (k, v), [S, H, E, K]: E the cross-attention length
+    cross_kv: tuple  # per decoder layer (k, v), [S, H, E, K]: E the cross-attention (or prompt context) length
     enc_mask: jax.Array  # [S, E] bool
     pos: jax.Array  # [S] tokens generated so far (the next step's position)
+    offset: jax.Array  # [S] the model position of step 0 (a decoder-only prompt's length less one; T5: 0)
     token: jax.Array  # [S] the last token (the decoder's next input)
     out: jax.Array  # [S, T] generated ids, T the largest per-request limit
     done: jax.Array  # [S] finished or empty
@@ -135,19 +143,24 @@ class Slots(NamedTuple):
 
 
 class PagedCache(NamedTuple):
-    """One decoder layer's self-attention over the page pool, for one step: what
-    `T5.decode_step` calls as a cache that attends itself (see model/t5.py DecoderBlock).
-    The step's page tables are shared by all layers."""
+    """One decoder layer's self-attention over the page pool, for one step: what the
+    models' decode steps call as a cache that attends itself (model/t5.py DecoderBlock,
+    model/decoder.py Block.step). The step's page tables are shared by all layers. A
+    decoder-only model's cache also holds the row's prompt context (`ctx_*`), attended in
+    the same softmax; its queries come in groups over fewer key/value heads (G = H / Hkv)."""
 
-    k: jax.Array  # [N, H, PAGE, K]
+    k: jax.Array  # [N, Hkv, PAGE, K]
     v: jax.Array
     write_page: jax.Array  # [S] the page each row writes this step (N: none)
     write_at: jax.Array  # [S] the position in that page
     owner: jax.Array  # [N] the owning slot (clipped into range)
     valid: jax.Array  # [N, PAGE] key position <= the owner's position, on an owned page
-    bias: jax.Array  # [N, H, PAGE] relative position bias of each key for its owner's query
+    bias: jax.Array | None  # [N, H, PAGE] T5's relative position bias of each key for its owner's query
     slot_pages: jax.Array  # [S, M] the slots' pages in order (clipped into range)
     has_page: jax.Array  # [S, M]
+    ctx_k: jax.Array | None = None  # [S, Hkv, E, K] a decoder-only row's prompt keys
+    ctx_v: jax.Array | None = None
+    ctx_mask: jax.Array | None = None  # [S, E]
 
     def write(self, k_BxHx1xK, v_BxHx1xK) -> "PagedCache":
         def put(pages, new):
@@ -158,6 +171,8 @@ class PagedCache(NamedTuple):
         return self._replace(k=put(self.k, k_BxHx1xK), v=put(self.v, v_BxHx1xK))
 
     def attend(self, q_SxHx1xK: jax.Array) -> jax.Array:
+        if self.ctx_k is not None or self.k.shape[1] != q_SxHx1xK.shape[1]:
+            return self._attend_grouped(q_SxHx1xK)
         q_NxHxK = q_SxHx1xK[:, :, 0][self.owner]
         scores = jnp.einsum("nhk,nhpk->nhp", q_NxHxK, self.k).astype(jnp.float32) + self.bias
         scores = jnp.where(self.valid[:, None, :], scores, NEG_INF)
@@ -170,13 +185,91 @@ class PagedCache(NamedTuple):
         out_SxHxK = out_SxHxK / jnp.where(total_SxH > 0, total_SxH, 1.0)[..., None]
         return out_SxHxK[:, :, None, :].astype(q_SxHx1xK.dtype)
 
+    def _attend_grouped(self, q_SxHx1xK: jax.Array) -> jax.Array:
+        """A decoder-only step: the query heads in groups over the key/value heads, softmax over
+        the row's prompt context and its pages together (no position bias: rotary is in q, k)."""
+        S, H, _, K = q_SxHx1xK.shape
+        Hkv = self.k.shape[1]
+        q_SxJxGxK = q_SxHx1xK[:, :, 0].reshape(S, Hkv, H // Hkv, K)
+        page = jnp.einsum("njgk,njpk->njgp", q_SxJxGxK[self.owner], self.k, preferred_element_type=jnp.float32)
+        page = jnp.where(self.valid[:, None, None, :], page, NEG_INF)
+        mine = self.has_page[:, :, None, None]
+        top = jnp.max(jnp.where(mine, page.max(-1)[self.slot_pages], NEG_INF), axis=1)  # [S, J, G]
+        if self.ctx_k is not None:
+            ctx = jnp.einsum("sjgk,sjek->sjge", q_SxJxGxK, self.ctx_k, preferred_element_type=jnp.float32)
+            ctx = jnp.where(self.ctx_mask[:, None, None, :], ctx, NEG_INF)
+            top = jnp.maximum(top, ctx.max(-1))
+        e_page = jnp.exp(page - top[self.owner][..., None])
+        total = jnp.sum(jnp.where(mine, e_page.sum(-1)[self.slot_pages], 0.0), axis=1)
+        out_page = jnp.einsum("njgp,njpk->njgk", e_page.astype(self.v.dtype), self.v).astype(jnp.float32)
+        out = jnp.sum(jnp.where(mine[..., None], out_page[self.slot_pages], 0.0), axis=1)  # [S, J, G, K]
+        if self.ctx_k is not None:
+            e_ctx = jnp.where(self.ctx_mask[:, None, None, :], jnp.exp(ctx - top[..., None]), 0.0)
+            total = total + e_ctx.sum(-1)
+            out = out + jnp.einsum("sjge,sjek->sjgk", e_ctx.astype(self.ctx_v.dtype), self.ctx_v).astype(jnp.float32)
+        out = out / jnp.where(total > 0, total, 1.0)[..., None]
+        return out.reshape(S, H, 1, K).astype(q_SxHx1xK.dtype)
+
+
+class _Family:
+    """What the engine does differently for each model family: the key/value heads its
+    caches hold, how a request's input becomes a slot's context (T5: the encoder's output
+    projected for cross-attention; a decoder-only model: its prompt less the last token,
+    prefilled) and first input, and the decode step's call."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.causal = family_of(cfg).name == "decoder"
+        self.model = family_of(cfg).module(cfg, True)
+        if self.causal:
+            self.kv_heads, self.head_dim, self.layers = cfg.num_key_value_heads, cfg.head_size, cfg.num_hidden_layers
+        else:
+            self.kv_heads, self.head_dim, self.layers = cfg.num_heads, cfg.d_kv, cfg.decoder_layers
+
+    def context(self, variables, tokens_RxL, lengths_R):
+        """(per layer (k, v) [R, Hkv, L, K], mask [R, L], first input [R], position of step 0 [R])."""
+        R, L = tokens_RxL.shape
+        if self.causal:
+            from tinyllm_jax.model.decoder import Decoder
+
+            last = jnp.maximum(lengths_R, 1) - 1
+            mask_RxL = jnp.arange(L)[None, :] < last[:, None]
+            kv = self.model.apply(variables, tokens_RxL, mask_RxL, method=Decoder.prefill)
+            start = jnp.take_along_axis(tokens_RxL, last[:, None], axis=1)[:, 0]
+            return tuple(tuple(x) for x in kv), mask_RxL, start, last.astype(jnp.int32)
+        mask_RxL = tokens_RxL != 0
+        encoded = self.model.apply(variables, tokens_RxL, mask_RxL.astype(jnp.int32), method=T5.encode)
+        kv = self.model.apply(variables, encoded, method=T5.cross_kv)
+        return (tuple(tuple(x) for x in kv), mask_RxL, jnp.full((R,), self.cfg.decoder_start_token_id, jnp.int32),
+                jnp.zeros((R,), jnp.int32))
+
+    def step(self, variables, st: "Slots", tables: dict, bias_HxT):
+        """(logits [S, V], the layers' caches) of one decoder step of every slot."""
+        if self.causal:
+            from tinyllm_jax.model.decoder import Decoder
+
+            caches = [PagedCache(k, v, **tables, bias=None, ctx_k=ck, ctx_v=cv, ctx_mask=st.enc_mask)
+                      for (k, v), (ck, cv) in zip(st.pages_kv, st.cross_kv)]
+            return self.model.apply(variables, st.token, st.offset + st.pos, caches, method=Decoder.decode_step)
+        S, T = st.pos.shape[0], st.out.shape[1]
+        key_pos = tables.pop("key_pos")
+        query_pos = st.pos[tables["owner"]][:, None]
+        bias = jnp.transpose(bias_HxT[:, jnp.clip(query_pos - key_pos, 0, T - 1)], (1, 0, 2))
+        caches = [PagedCache(k, v, **tables, bias=bias) for k, v in st.pages_kv]
+        return self.model.apply(variables, st.token, None, caches, st.cross_kv, st.enc_mask, None,
+                                method=T5.decode_step)
+
+    def bias_table(self, variables, T: int):
+        return None if self.causal else self.model.apply(variables, T, method=T5.decoder_bias_by_distance)
+
 
 @functools.lru_cache(maxsize=32)
-def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None, row_axes: tuple | None):
+def _compiled(cfg: Any, sampling: Sampling, eos_ids: tuple[int, ...], mesh: Mesh | None, row_axes: tuple | None):
     """The engine's jitted functions for one model, sampling rule and mesh."""
-    model = T5(cfg)
+    fam = _Family(cfg)
     dt = cfg.compute_dtype
-    H, K, n_layers = cfg.num_heads, cfg.d_kv, cfg.decoder_layers
+    H, K, n_layers = fam.kv_heads, fam.head_dim, fam.layers
+    eos_E = np.asarray(eos_ids, np.int32)
 
     def rows_sharding(ndim: int):
         return NamedSharding(mesh, P(row_axes, *([None] * (ndim - 1)))) if ndim else NamedSharding(mesh, P())
@@ -203,18 +296,16 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
         z = jnp.zeros((slots,), jnp.int32)
         return Slots(kv(pages, PAGE), jnp.full((pages,), slots, jnp.int32), jnp.zeros((pages,), jnp.int32),
                      jnp.full((slots, -(-max_len // PAGE)), -1, jnp.int32), kv(slots, enc_len),
-                     jnp.zeros((slots, enc_len), bool), z, z, jnp.zeros((slots, max_len), jnp.int32),
+                     jnp.zeros((slots, enc_len), bool), z, z, z, jnp.zeros((slots, max_len), jnp.int32),
                      jnp.ones((slots,), bool), z, jnp.zeros((slots, 2), jnp.uint32), jnp.int32(0), jnp.int32(0),
                      jnp.int32(0))
 
-    def encode(params, tokens_RxL):
-        """Newcomers' cross-attention keys and values: per decoder layer (k, v) [R, H, L, K]."""
-        variables = {"params": params}
-        mask_RxL = tokens_RxL != 0
-        encoded = model.apply(variables, tokens_RxL, mask_RxL.astype(jnp.int32), method=T5.encode)
-        return tuple(tuple(kv) for kv in model.apply(variables, encoded, method=T5.cross_kv)), mask_RxL
+    def encode(params, tokens_RxL, lengths_R):
+        """Newcomers' context: per decoder layer (k, v) [R, Hkv, L, K], its mask, each row's
+        first input and the position of its first step."""
+        return fam.context({"params": params}, tokens_RxL, lengths_R)
 
-    def insert(st: Slots, cross, mask_GxL, rows_R, slots_R, limits_R, keys_Rx2) -> Slots:
+    def insert(st: Slots, cross, mask_GxL, start_G, offset_G, rows_R, slots_R, limits_R, keys_Rx2) -> Slots:
         """Puts rows `rows_R` of an encoded group into slot rows `slots_R` (an index >= S: a
         padding row, dropped). Their pages come as they reach them."""
         cross = jax.tree.map(lambda x: x[rows_R], cross)
@@ -227,8 +318,8 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
             cross_kv=tuple((put(k, widen(nk)), put(v, widen(nv))) for (k, v), (nk, nv) in zip(st.cross_kv, cross)),
             enc_mask=put(st.enc_mask, jnp.pad(mask_RxL, ((0, 0), (0, E - L)))),
             slot_pages=put(st.slot_pages, jnp.full((R, st.slot_pages.shape[1]), -1, jnp.int32)),
-            pos=put(st.pos, jnp.zeros((R,), jnp.int32)),
-            token=put(st.token, jnp.full((R,), cfg.decoder_start_token_id, jnp.int32)),
+            pos=put(st.pos, jnp.zeros((R,), jnp.int32)), offset=put(st.offset, offset_G[rows_R]),
+            token=put(st.token, start_G[rows_R]),
             out=put(st.out, jnp.zeros((R, st.out.shape[1]), jnp.int32)),
             done=put(st.done, jnp.zeros((R,), bool)), limit=put(st.limit, limits_R), key=put(st.key, keys_Rx2))
 
@@ -280,7 +371,7 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
         variables = {"params": params}
         S, N = st.pos.shape[0], st.page_owner.shape[0]
         T = st.out.shape[1]
-        bias_HxT = model.apply(variables, T, method=T5.decoder_bias_by_distance)
+        bias_HxT = fam.bias_table(variables, T)
         rows = jnp.arange(S)
 
         def cond(carry):
@@ -295,16 +386,14 @@ def _compiled(cfg: T5Config, sampling: Sampling, eos_id: int, mesh: Mesh | None,
             key_pos = st.page_index[:, None] * PAGE + jnp.arange(PAGE)[None, :]
             query_pos = st.pos[owner][:, None]
             valid = (st.page_owner < S)[:, None] & (key_pos <= query_pos)
-            bias = jnp.transpose(bias_HxT[:, jnp.clip(query_pos - key_pos, 0, T - 1)], (1, 0, 2))
             tables = dict(write_page=jnp.where(step, st.slot_pages[rows, jnp.minimum(st.pos // PAGE, st.slot_pages.shape[1] - 1)], N),
-                          write_at=st.pos % PAGE, owner=owner, valid=valid, bias=bias,
+                          write_at=st.pos % PAGE, owner=owner, valid=valid,
                           slot_pages=jnp.maximum(st.slot_pages, 0), has_page=st.slot_pages >= 0)
-            caches = [PagedCache(k, v, **tables) for k, v in st.pages_kv]
-            logits, caches = model.apply(variables, st.token, None, caches, st.cross_kv, st.enc_mask, None,
-                                         method=T5.decode_step)
+            logits, caches = fam.step(variables, st, {**tables, "key_pos": key_pos} if not fam.causal else tables,
+                                      bias_HxT)
             nxt = jnp.where(step, choose(logits, st), st.token)
             out = st.out.at[rows, jnp.where(step, st.pos, T)].set(nxt, mode="drop")
-            finished = step & ((nxt == eos_id) | (st.pos + 1 >= st.limit))
+            finished = step & ((nxt[:, None] == eos_E[None, :]).any(-1) | (st.pos + 1 >= st.limit))
             freed = (st.page_owner < S) & finished[owner]  # a finished row's pages go back to the pool
             st = st._replace(pages_kv=tuple((c.k, c.v) for c in caches), out=out, token=nxt,
                              pos=st.pos + step.astype(jnp.int32), done=st.done | finished,
@@ -369,13 +458,15 @@ class Engine:
     the slots; the loop returns to the host when `admit_rows` slots are free; `pages` sets
     the page pool's first size."""
 
-    def __init__(self, cfg: T5Config, slots: int, *, sampling: Sampling = Sampling(), eos_id: int | None = None,
-                 mesh: Mesh | None = None, row_axes: tuple[str, ...] | None = None, admit_rows: int | None = None,
+    def __init__(self, cfg: Any, slots: int, *, sampling: Sampling = Sampling(),
+                 eos_id: int | Sequence[int] | None = None, mesh: Mesh | None = None,
+                 row_axes: tuple[str, ...] | None = None, admit_rows: int | None = None,
                  max_steps: int = 128, pages: int | None = None):
         from tinyllm_jax.runtime import sharding
 
         self.cfg, self.sampling = cfg, sampling
-        self.eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
+        self.eos_ids = eos_ids_of(cfg, eos_id)
+        self.eos_id = self.eos_ids[0]
         self.mesh = mesh
         self.row_axes = tuple(row_axes or sharding.BATCH_AXES) if mesh is not None else None
         self.divisor = int(np.prod([mesh.shape[a] for a in self.row_axes])) if mesh is not None else 1
@@ -384,7 +475,7 @@ class Engine:
         self.encode_rows = max(self.admit_rows, min(ENCODE_ROWS, self.slots))
         self.max_steps = max_steps
         self.pages = pages
-        self.fns = _compiled(cfg, sampling, self.eos_id, mesh, self.row_axes)
+        self.fns = _compiled(cfg, sampling, self.eos_ids, mesh, self.row_axes)
         self.stats: dict[str, Any] = {}
 
     def _put(self, x: np.ndarray) -> jax.Array:
@@ -459,7 +550,7 @@ class Engine:
                 out = _fetch(st.out)
                 for s in finished:
                     i = int(owner[s])
-                    results[i] = strip_after_eos(out[s, :pos[s]].tolist(), self.eos_id)
+                    results[i] = strip_after_eos(out[s, :pos[s]].tolist(), self.eos_ids)
                     if on_result is not None:
                         on_result(i, results[i])
                     generated += int(pos[s])
@@ -492,18 +583,21 @@ class Engine:
     def _encode(self, params, ids: list[int], token_lists, max_new_tokens, seeds) -> "_Group":
         """Encodes requests `ids` (padded to a bucketed length) as one group."""
         tokens = np.zeros((self.encode_rows, input_bucket(max(len(token_lists[i]) for i in ids))), np.int32)
+        lengths = np.zeros((self.encode_rows,), np.int32)
         for r, i in enumerate(ids):
             tokens[r, :len(token_lists[i])] = token_lists[i]
-        cross, mask = self.fns["encode"](params, self._put(tokens))
-        return _Group(ids, tokens.shape[1], cross, mask, [max_new_tokens[i] for i in ids],
+            lengths[r] = len(token_lists[i])
+        cross, mask, start, offset = self.fns["encode"](params, self._put(tokens), self._put(lengths))
+        return _Group(ids, tokens.shape[1], cross, mask, start, offset, [max_new_tokens[i] for i in ids],
                       seed_key_data([seeds[i] for i in ids]))
 
 
 class _Group:
     """Requests encoded together, handed to slots as they free."""
 
-    def __init__(self, ids, length, cross, mask, limits, keys):
+    def __init__(self, ids, length, cross, mask, start, offset, limits, keys):
         self.ids, self.length, self.cross, self.mask = ids, length, cross, mask
+        self.start, self.offset = start, offset
         self.limits, self.keys = np.asarray(limits, np.int32), keys
         self.next = 0
 
@@ -528,13 +622,26 @@ class _Group:
         keys = np.zeros((A, 2), np.uint32)
         pick[:k], where[:k], limit[:k], keys[:k] = rows, slots[:k], self.limits[rows], self.keys[rows]
         put = engine._put
-        return engine.fns["insert"](st, self.cross, self.mask, put(pick), put(where), put(limit), put(keys))
+        return engine.fns["insert"](st, self.cross, self.mask, self.start, self.offset, put(pick), put(where),
+                                    put(limit), put(keys))
 
 
-def strip_after_eos(ids, eos_id: int) -> list[int]:
+def eos_ids_of(cfg: Any, eos: int | Sequence[int] | None = None) -> tuple[int, ...]:
+    """The ids generation stops at: `eos` when given, else the model's (a decoder-only
+    checkpoint may name several, in config.json and generation_config.json)."""
+    if eos is None:
+        eos = cfg.eos_token_ids if family_of(cfg).name == "decoder" else cfg.eos_token_id
+    ids = tuple(int(e) for e in ((eos,) if isinstance(eos, (int, np.integer)) else eos))
+    if not ids:
+        raise ValueError("generation needs at least one EOS id; the model's config names none")
+    return ids
+
+
+def strip_after_eos(ids, eos: int | Sequence[int]) -> list[int]:
+    stop = {int(eos)} if isinstance(eos, (int, np.integer)) else {int(e) for e in eos}
     res = []
     for t in ids:
-        if t == eos_id:
+        if t in stop:
             break
         res.append(int(t))
     return res

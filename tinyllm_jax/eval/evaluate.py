@@ -20,7 +20,6 @@ import numpy as np
 
 from tinyllm_jax.config import Config, ConfigError
 from tinyllm_jax.errors import UserError, check_writable_dir
-from tinyllm_jax.model.t5 import T5Config
 from tinyllm_jax.runtime.seeds import stable_seed
 from tinyllm_jax.runtime import sharding
 
@@ -51,8 +50,8 @@ def eval_stream(cfg: Config):
 class Evaluation:
     """Holds a split's tokenised inputs, so repeated evaluations during training only decode."""
 
-    def __init__(self, cfg: Config, t5cfg: T5Config, tokenizer, mesh=None):
-        self.cfg, self.t5cfg, self.tokenizer, self.mesh = cfg, t5cfg, tokenizer, mesh
+    def __init__(self, cfg: Config, arch: Any, tokenizer, mesh=None):
+        self.cfg, self.arch, self.tokenizer, self.mesh = cfg, arch, tokenizer, mesh
         self._splits: dict[str, tuple[list[dict], list[np.ndarray]]] = {}
         self._local_mesh = None
 
@@ -64,9 +63,14 @@ class Evaluation:
             records, _ = load_split(self.cfg.data, split)
             if self.cfg.eval.max_examples and split == "validation":
                 records = records[: self.cfg.eval.max_examples]
+            from tinyllm_jax.data.streams import prompt_of
+            from tinyllm_jax.model.family import family_of
+
             stream = eval_stream(self.cfg)
+            causal = family_of(self.arch).layout == "causal"
             ex = build_examples(records, [stream], self.tokenizer, self.cfg.data.max_input_length,
-                                self.cfg.data.max_target_length, "gold", self.cfg.data.lenient)
+                                self.cfg.data.max_target_length, "gold", self.cfg.data.lenient,
+                                prompt=prompt_of(self.cfg.data, causal))
             kept = [records[int(i)] for i in ex.record_index]
             inputs = [ex.enc(i) for i in range(len(ex))]
             longest = max(len(ex.dec(i)) for i in range(len(ex)))
@@ -137,7 +141,7 @@ class Evaluation:
         if "seed" in sampling:
             seed = sampling.pop("seed")
             sampling["seeds"] = [stable_seed(seed, records[i]["id"]) for i in mine]
-        ids = generate_ids(self.t5cfg, self._place(params), [inputs[i] for i in mine], self.cfg.eval.max_new_tokens,
+        ids = generate_ids(self.arch, self._place(params), [inputs[i] for i in mine], self.cfg.eval.max_new_tokens,
                            self.batch_size(), progress=self.cfg.train.progress and p == 0, shard_batch=self._shard(),
                            **sampling)
         preds = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -194,7 +198,7 @@ def evaluate_command(cfg: Config, checkpoint: str | None = None, split: str = "t
         cfg = load_config(saved)
     model = load_run(run_dir, _checkpoint_step(checkpoint))
     mesh = sharding.make_mesh(cfg.mesh)
-    summary = Evaluation(cfg, model.t5cfg, model.tokenizer, mesh).run(model.params, split, run_dir, model.step)
+    summary = Evaluation(cfg, model.arch, model.tokenizer, mesh).run(model.params, split, run_dir, model.step)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
     return summary

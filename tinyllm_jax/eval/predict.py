@@ -46,7 +46,7 @@ def predict_file(model: str, input_path: str, output_path: str, max_new_tokens: 
     from tinyllm_jax.runs import load_model
 
     loaded = load_model(model)
-    preds = generate_texts(loaded.t5cfg, loaded.params, loaded.tokenizer, [r["input"] for r in rows], max_new_tokens,
+    preds = generate_texts(loaded.arch, loaded.params, loaded.tokenizer, [r["input"] for r in rows], max_new_tokens,
                            batch_size=min(batch_size, len(rows)), progress=True)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyllm_jax.config import Config, to_dict
+from tinyllm_jax.data.streams import DEFAULT_TARGET, render_target
 from tinyllm_jax.errors import UserError
 from tinyllm_jax.recipes.config import SPLITS, RecipeConfig
 from tinyllm_jax.recipes.stages import Stage, stage_dir
@@ -51,7 +52,12 @@ def train_config(cfg: RecipeConfig, run_dir: Path, splits: dict[str, Path], **se
     base = Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)})
     data = dataclasses.replace(sections.pop("data", base.data), **{s: [str(splits[s])] if s in splits else []
                                                                     for s in SPLITS})
-    return dataclasses.replace(base, run_dir=str(run_dir), data=data, **sections)
+    model = sections.pop("model", base.model)
+    if model.train_tokenizer_vocab:  # the tokenizer trained now also serves the recipe's later streams
+        later = [s.prefix for s in cfg.data.streams if s.prefix]
+        later += [render_target(s.target, "", "") for s in cfg.data.streams if s.target != DEFAULT_TARGET]
+        model = dataclasses.replace(model, tokenizer_texts=list(dict.fromkeys(model.tokenizer_texts + later)))
+    return dataclasses.replace(base, run_dir=str(run_dir), data=data, model=model, **sections)
 
 
 def training_settings(cfg: Config) -> dict[str, Any]:
@@ -291,7 +297,7 @@ def evaluate_run(run_path: Path, out: Path, split: str = "test") -> dict[str, An
     if has_split(cfg.data, split):
         mesh = sharding.make_mesh(cfg.mesh)
         params = jax.device_put(model.params, sharding.replicated(mesh))
-        result = Evaluation(cfg, model.t5cfg, model.tokenizer, mesh).run(params, split, out, model.step)
+        result = Evaluation(cfg, model.arch, model.tokenizer, mesh).run(params, split, out, model.step)
         summary.update({f"{split}_accuracy": result["accuracy"], f"{split}_n": result["n"],
                         f"{split}_extracted": result["extracted"]})
     else:

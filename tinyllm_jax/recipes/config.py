@@ -48,9 +48,21 @@ class FairConfig:
     """FAIR's rounds (recipes/fair.py). The committee is `rationales.teachers`."""
 
     rounds: int = 1
-    # with no model.init: first train the student this many steps on the gold answers (under
-    # the rationale stream's prefix), so that round 1 has a student whose mistakes to mine
+    # with no model.init: first train the student this many steps, so that round 1 has a
+    # student whose mistakes to mine; it learns the rounds' output format, the rationale
+    # stream, on the records' own rationales (gold answers where the records have none)
     warmup_steps: int = 0
+    warmup_teachers: list[str] = field(default_factory=list)  # whose rationales the warm-up learns; []: all
+    # each round also trains on this fraction of the other train questions, with the warm-up's
+    # targets (replay: what the student knows is not overwritten by its mistakes alone);
+    # 0.0: the round's mistakes only, as the paper's code does
+    replay: float = 0.0
+    # one learning-rate schedule over the warm-up and every round (a round continues where the
+    # one before it stopped); false: each round warms up and decays again
+    continue_schedule: bool = True
+    # the control arm: rounds train on the replay alone (no mining, no committee) for the
+    # same steps, so that FAIR minus control is what the committee's data adds
+    control: bool = False
     review: bool = True  # peer review by the other teachers; false: every rationale is kept
     threshold: float = 3.0  # accepted when the mean valid review score is above it
     train_teachers: list[str] = field(default_factory=list)  # whose outputs train the student; []: all

@@ -56,6 +56,11 @@ def stages(cfg: RecipeConfig, run_dir: Path) -> list[Stage]:
             student = f"{rd}/train"
             out.append(common.evaluate_stage(cfg, run_dir, train_from=student_run(student), name=f"{rd}/evaluate"))
             continue
+        if cfg.fair.control:  # no mining, no committee: the round trains on the replay alone
+            out.append(train_stage(cfg, run_dir, rd, student, previous=[f"round{k}" for k in range(1, r)]))
+            student = f"{rd}/train"
+            out.append(common.evaluate_stage(cfg, run_dir, train_from=student_run(student), name=f"{rd}/evaluate"))
+            continue
         out.append(mine_stage(cfg, run_dir, rd, student))
         out.append(teacher_stage(cfg, run_dir, rd, "feedback", cfg.fair.feedback_template))
         out.append(teacher_stage(cfg, run_dir, rd, "rationales", cfg.fair.rationale_template))
@@ -86,6 +91,12 @@ def check(cfg: RecipeConfig) -> None:
                           "(each rationale is scored by the others); set fair.review=false for one teacher")
     if f.rounds < 1:
         raise ConfigError(f"fair.rounds: expected >= 1, found {f.rounds}")
+    if not 0.0 <= f.replay <= 1.0:
+        raise ConfigError(f"fair.replay: expected a fraction in [0, 1], found {f.replay}")
+    if f.control and f.replay <= 0.0:
+        raise ConfigError("fair.control: the control arm trains on the replay alone; set fair.replay > 0")
+    if f.control and f.round1_records:
+        raise ConfigError("fair.control: the control arm has no committee data; unset fair.round1_records")
     if not cfg.model.init and f.warmup_steps <= 0 and not (f.round1_records and f.rounds == 1):
         raise ConfigError("fair: round 1 mines the mistakes of a student that can already answer: set model.init "
                           "(a pretrained T5 or a training run) or fair.warmup_steps (train it on the gold answers first)")
@@ -111,16 +122,60 @@ def _eval_config(cfg: RecipeConfig):
 # --------------------------------------------------------------------------- warmup and mining
 
 
+def warmup_material(cfg: RecipeConfig, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The train records as the rationale stream learns them before round 1 (and replays them
+    in the rounds): each record's rationales of `fair.warmup_teachers` (all its teachers when
+    empty) under the stream's teacher name. When no record has any, the gold answers stand
+    in (the rounds then change the stream's format: said in the log)."""
+    wanted = set(cfg.fair.warmup_teachers)
+    out = []
+    for r in records:
+        texts = [x for t, xs in (r.get("rationales") or {}).items() if not wanted or t in wanted for x in xs]
+        base = {k: v for k, v in r.items() if k not in ("rationales", "teacher_answers", "provenance")}
+        out.append({**base, "rationales": {RATIONALE: texts}})
+    if not any(r["rationales"][RATIONALE] for r in out):
+        log.warning("fair: the train records carry no rationales%s, so the warm-up and the replay train the gold "
+                    "answers under the rationale stream; the rounds then teach it rationales",
+                    f" of {sorted(wanted)}" if wanted else "")
+        out = [{**r, "rationales": {RATIONALE: [r["answer"]]}} for r in out]
+    return [r for r in out if r["rationales"][RATIONALE]]
+
+
+def schedule_of(cfg: RecipeConfig, part: int) -> Any:
+    """The optimiser settings of training part `part` (0: the warm-up, r: round r): with
+    `fair.continue_schedule`, one schedule over the warm-up and every round, each part taking
+    up where the one before it stopped."""
+    f = cfg.fair
+    if not f.continue_schedule:
+        return cfg.optim
+    lengths = ([f.warmup_steps] if f.warmup_steps > 0 else []) + [cfg.train.steps] * f.rounds
+    start = 0 if part == 0 else (f.warmup_steps if f.warmup_steps > 0 else 0) + (part - 1) * cfg.train.steps
+    return dataclasses.replace(cfg.optim, schedule_offset=start, schedule_steps=sum(lengths))
+
+
 def warmup_stage(cfg: RecipeConfig, run_dir: Path) -> Stage:
-    """A student that answers before round 1: the gold answers of train under the rationale
-    stream's prefix, for `fair.warmup_steps` steps."""
-    s = rationale_stream(cfg)
-    answers = StreamConfig(s.name, s.prefix, 1.0)
-    short = min(cfg.data.decoder_length, 32)  # answers are short: rows sized for rationales would sit empty
-    return common.train_stage(cfg, run_dir, records_from="data", name="warmup",
-                              data=dataclasses.replace(cfg.data, streams=[answers], decoder_length=short),
-                              train=dataclasses.replace(cfg.train, steps=cfg.fair.warmup_steps),
-                              eval=_eval_config(cfg))
+    """A student that answers before round 1, in the rounds' own output format: the
+    rationale stream on `warmup_material`, for `fair.warmup_steps` steps."""
+    run_path = stage_dir(run_dir, "warmup")
+    data = stage_dir(run_dir, "data")
+    stream = dataclasses.replace(rationale_stream(cfg), weight=1.0)
+    sections = dict(data=dataclasses.replace(cfg.data, streams=[stream]),
+                    train=dataclasses.replace(cfg.train, steps=cfg.fair.warmup_steps),
+                    optim=schedule_of(cfg, 0), eval=_eval_config(cfg))
+
+    def run() -> dict[str, Any]:
+        from tinyllm_jax.train.loop import train
+
+        splits = common.read_manifest(data)
+        material = warmup_material(cfg, read_jsonl(splits["train"])[0])
+        write_jsonl(run_path / "material.jsonl", material)
+        result = train(common.train_config(cfg, run_path, {**splits, "train": run_path / "material.jsonl"},
+                                           **sections), evaluate_test=False)
+        return {"final_loss": result.get("final_loss"), "records": len(material)}
+
+    settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, **sections)),
+                "warmup_teachers": cfg.fair.warmup_teachers}
+    return Stage("warmup", run, settings, writes=[run_path / "summary.json"], reads=[data / common.MANIFEST])
 
 
 def mine_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None) -> Stage:
@@ -144,7 +199,7 @@ def mine_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None) -
         if f.mine_temperature > 0:
             sampling = {"temperature": f.mine_temperature, "top_p": f.mine_top_p,
                         "seed": f"{f.seed}/{rd}"}
-        rows = Evaluation(tcfg, model.t5cfg, model.tokenizer, mesh).predict(params, "train", sampling)
+        rows = Evaluation(tcfg, model.arch, model.tokenizer, mesh).predict(params, "train", sampling)
         write_jsonl(out / "predictions.jsonl", rows)
         records = {r["id"]: r for r in read_jsonl(common.read_manifest(data)["train"])[0]}
         mistakes = [{**records[row["id"]], "rationales": {},
@@ -365,12 +420,18 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
         if published:  # the published teachers' names, unless fair.train_teachers picks some
             fb, rv = published_round(published)
             names = cfg.fair.train_teachers or sorted({t for r in fb + rv for t in r["rationales"]})
+        elif cfg.fair.control:
+            fb, rv, names = [], [], None
         else:
             fb, rv, names = _read(feedback), _read(reviewed), None
         records = training_records(cfg, rd, fb, rv, names)
         if cfg.fair.carry_over == "accumulate":
             for k in previous:
-                records = _read(stage_dir(run_dir, f"{k}/train") / "train.jsonl") + records
+                earlier = _read(stage_dir(run_dir, f"{k}/train") / "train.jsonl")
+                records = [r for r in earlier if "/replay/" not in r["id"]] + records
+        replayed = replay_records(cfg, rd, read_jsonl(common.read_manifest(stage_dir(run_dir, "data"))["train"])[0],
+                                  {r["id"] for r in rv})
+        records += replayed
         write_jsonl(out / "train.jsonl", records)
         counts = {s: sum(bool(r["rationales"].get(s)) for r in records) for s in (FEEDBACK, RATIONALE)}
         if not records:
@@ -378,18 +439,42 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
                             f"({len(rv)} mistakes)")
         streams = [dataclasses.replace(s, optional=True) for s in cfg.data.streams]  # a round may lack one
         splits = {**common.read_manifest(stage_dir(run_dir, "data")), "train": out / "train.jsonl"}
-        tcfg = common.train_config(cfg, run_path, splits, eval=_eval_config(cfg),
+        tcfg = common.train_config(cfg, run_path, splits, eval=_eval_config(cfg), optim=optim,
                                    data=dataclasses.replace(cfg.data, streams=streams),
                                    model=dataclasses.replace(cfg.model, init=init))
-        result = train(tcfg, evaluate_test=False)
-        return {"records": len(records), "feedback_records": counts[FEEDBACK], "rationale_records": counts[RATIONALE]}
+        train(tcfg, evaluate_test=False)
+        return {"records": len(records), "feedback_records": counts[FEEDBACK], "rationale_records": counts[RATIONALE],
+                "replay_records": len(replayed)}
 
-    settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, eval=_eval_config(cfg))),
+    optim = schedule_of(cfg, int(rd.removeprefix("round")))
+    settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, eval=_eval_config(cfg),
+                                                                         optim=optim)),
                 "init": init, "fair": common.settings_of(cfg.fair)}
     if published:
         return Stage(f"{rd}/train", run, settings, writes=[run_path / "summary.json"],
                      user_files={published: "fair.round1_records"})
+    if cfg.fair.control:
+        return Stage(f"{rd}/train", run, settings, writes=[run_path / "summary.json"],
+                     reads=[stage_dir(run_dir, "data") / common.MANIFEST])
     return Stage(f"{rd}/train", run, settings, writes=[run_path / "summary.json"], reads=[reviewed, feedback])
+
+
+def replay_records(cfg: RecipeConfig, rd: str, train: list[dict[str, Any]], mistakes: set[str]) -> list[dict[str, Any]]:
+    """`fair.replay` of the train questions that are not among the round's mistakes, seeded,
+    with the warm-up's targets (`warmup_material`) in the rationale stream."""
+    if cfg.fair.replay <= 0.0:
+        return []
+    material = [r for r in warmup_material(cfg, train) if r["id"] not in mistakes]
+    rng = random.Random(f"{cfg.fair.seed}/{rd}/replay")
+    chosen = sorted(rng.sample(range(len(material)), round(cfg.fair.replay * len(material))))
+    out = []
+    for i in chosen:
+        r = material[i]
+        texts = r["rationales"][RATIONALE]
+        if cfg.fair.pick == "one":
+            texts = [random.Random(f"{cfg.fair.seed}/{rd}/{r['id']}").choice(texts)]
+        out.append({**r, "id": f"{rd}/replay/{r['id']}", "rationales": {RATIONALE: texts}})
+    return out
 
 
 def _read(path: Path) -> list[dict[str, Any]]:

@@ -206,7 +206,7 @@ def _sample(cfg: RecipeConfig, mentor_dir: Path, splits: dict[str, Path]) -> dic
                                eval=dataclasses.replace(_eval(cfg), max_new_tokens=m.max_new_tokens))
     mesh = sharding.make_mesh(tcfg.mesh)
     params = jax.device_put(mentor.params, sharding.replicated(mesh))
-    evaluation = Evaluation(tcfg, mentor.t5cfg, mentor.tokenizer, mesh)
+    evaluation = Evaluation(tcfg, mentor.arch, mentor.tokenizer, mesh)
     out: dict[str, list[dict[str, Any]]] = {}
     for k in range(m.samples):
         sampling = {"temperature": m.temperature, "top_k": m.top_k, "top_p": m.top_p, "seed": f"{m.seed}/{k}"}

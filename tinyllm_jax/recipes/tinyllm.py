@@ -25,9 +25,10 @@ def stages(cfg: RecipeConfig, run_dir: Path) -> list[Stage]:
 def check(cfg: RecipeConfig) -> None:
     """Streams name the configured teachers (before anything is spent on them)."""
     answer = [s for s in cfg.data.streams if s.teacher is None]
-    if len(answer) != 1:
-        raise ConfigError(f"data.streams: TinyLLM trains one answer stream (a stream without `teacher`), "
-                          f"found {len(answer)}")
+    if len(answer) > 1 or (not answer and cfg.eval.stream is None):
+        raise ConfigError(f"data.streams: TinyLLM trains one answer stream (a stream without `teacher`), found "
+                          f"{len(answer)}; a student of rationales alone (a scratchpad: it answers through the "
+                          "rationale it writes) needs eval.stream naming the stream it answers with")
     teachers = [t.name for t in cfg.rationales.teachers]
     for i, s in enumerate(cfg.data.streams):
         if s.teacher is not None and teachers and s.teacher not in teachers:

@@ -141,7 +141,7 @@ class _TeacherRun:
         self.cache, self.on_result = cache, on_result
         self.aborted = ""  # set when the backend gave up: later files of this teacher are skipped
         self.stop = list(dict.fromkeys([*template.stop, *teacher.stop]))
-        if teacher.backend == "local-t5":
+        if teacher.backend in ("local", "local-t5"):
             from tinyllm_jax.teachers.local_t5 import LocalT5
 
             self.backend = LocalT5(teacher, seed=rc.seed)

@@ -1,5 +1,6 @@
-"""A local JAX T5 teacher (Flan-T5 or any HF T5 checkpoint) through our model and the
-generation engine (eval/engine.py).
+"""A local JAX teacher through our models and the generation engine (eval/engine.py): any HF
+T5 (Flan-T5), a decoder-only checkpoint (Llama, Mistral, Qwen2, Qwen3), or one of our
+training runs (backend `local`, or its older name `local-t5`).
 
 `batch_size` prompts decode at once, in slots: a finished prompt's slot takes the next one,
 and each answer is reported as soon as it is finished (so a killed run keeps it in the
@@ -35,20 +36,25 @@ class LocalT5:
         stats = RunStats()
         if not jobs:
             return stats
-        from tinyllm_jax.eval.decode import generate_ids
-        from tinyllm_jax.model.hf import load_pretrained
+        from tinyllm_jax.eval.decode import generate_ids, input_ids
+        from tinyllm_jax.runs import load_model
 
         if self._loaded is None:
-            self._loaded = load_pretrained(self.teacher.model)
-        _, params, tokenizer, cfg = self._loaded
+            loaded = load_model(self.teacher.model)
+            if loaded.tokenizer is None:
+                raise ConfigError(f"teacher {self.teacher.name!r}: {self.teacher.model} has no tokenizer files")
+            self._loaded = (loaded.params, loaded.tokenizer, loaded.arch)
+        params, tokenizer, cfg = self._loaded
         t = self.teacher
-        token_lists = [tokenizer(j.prompt)["input_ids"][-t.max_input_tokens:] for j in jobs]
+        token_lists = [ids[-t.max_input_tokens:] for ids in input_ids(cfg, tokenizer, [j.prompt for j in jobs])]
 
         def report(i: int, ids: list[int]) -> None:
             stats.done += 1
             on_done(jobs[i], tokenizer.decode(ids, skip_special_tokens=True))
 
+        from tinyllm_jax.model.family import family_of
+
+        eos = None if family_of(cfg).layout == "causal" else tokenizer.eos_token_id  # a decoder's: every eos id it names
         generate_ids(cfg, params, token_lists, t.max_tokens, batch_size=t.batch_size, temperature=t.temperature,
-                     top_k=t.top_k, top_p=t.top_p, seeds=[j.seed for j in jobs], eos_id=tokenizer.eos_token_id,
-                     on_result=report)
+                     top_k=t.top_k, top_p=t.top_p, seeds=[j.seed for j in jobs], eos_id=eos, on_result=report)
         return stats

@@ -21,7 +21,8 @@ import numpy as np
 
 from tinyllm_jax.config import Config, ConfigError, DistillConfig
 from tinyllm_jax.errors import UserError
-from tinyllm_jax.model.t5 import T5, T5Config
+from tinyllm_jax.model.family import family_of
+from tinyllm_jax.model.t5 import T5Config
 from tinyllm_jax.runtime import sharding
 
 log = logging.getLogger("tinyllm.distill")
@@ -49,7 +50,7 @@ class KDSpec:
 class Teacher:
     """The teacher's architecture (its compute dtype set) and its parameters on the mesh."""
 
-    t5cfg: T5Config
+    arch: T5Config
     params: Any
     shardings: Any
     source: str
@@ -78,16 +79,15 @@ def kd_spec(cfg: DistillConfig, teacher_cfg: T5Config, stream_names: Sequence[st
                   tuple(1.0 if n in chosen else 0.0 for n in stream_names))
 
 
-def place_teacher(t5cfg: T5Config, host_params: Any, mesh: jax.sharding.Mesh, rules, dtype: str = "float32",
+def place_teacher(arch: T5Config, host_params: Any, mesh: jax.sharding.Mesh, rules, dtype: str = "float32",
                   source: str = "", step: int | None = None) -> Teacher:
     """Host parameters -> a Teacher on `mesh`: cast to `dtype`, sharded by the logical
     `rules` exactly as a student of this architecture would be."""
-    t5cfg = t5cfg.replace(dtype=dtype, remat="none")  # forward only: nothing to recompute
-    dummy = jnp.ones((1, 8), jnp.int32)
-    boxed = jax.eval_shape(lambda k: T5(t5cfg).init(k, dummy, dummy)["params"], jax.random.key(0))
+    arch = arch.replace(dtype=dtype, remat="none")  # forward only: nothing to recompute
+    boxed = jax.eval_shape(lambda k: family_of(arch).init(arch, k), jax.random.key(0))
     shardings = sharding.param_shardings(boxed, mesh, rules)
     cast = jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), host_params)
-    return Teacher(t5cfg, jax.device_put(cast, shardings), shardings, source, step)
+    return Teacher(arch, jax.device_put(cast, shardings), shardings, source, step)
 
 
 def check_vocabulary(teacher_cfg: T5Config, teacher_tokenizer, student_cfg: T5Config, student_tokenizer,
@@ -127,8 +127,12 @@ def load_teacher(cfg: Config, student_cfg: T5Config, student_tokenizer, mesh: ja
     else:
         model = load_model(src, tokenizer=False)
         tokenizer = _hf_tokenizer_if_any(src)
-    check_vocabulary(model.t5cfg, tokenizer, student_cfg, student_tokenizer, src)
-    teacher = place_teacher(model.t5cfg, model.params, mesh, sharding.logical_rules(cfg.mesh), cfg.distill.dtype,
+    if family_of(model.arch).name != family_of(student_cfg).name:
+        raise UserError(f"distill.teacher={src}: a {family_of(model.arch).name} teacher cannot teach a "
+                        f"{family_of(student_cfg).name} student in one step (they read different batches); "
+                        "use a teacher of the student's family")
+    check_vocabulary(model.arch, tokenizer, student_cfg, student_tokenizer, src)
+    teacher = place_teacher(model.arch, model.params, mesh, sharding.logical_rules(cfg.mesh), cfg.distill.dtype,
                             src, model.step)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(teacher.params))
     log.info("distill: teacher %s%s, %.1fM parameters in %s", src,

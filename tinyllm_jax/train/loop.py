@@ -26,7 +26,7 @@ from flax import linen as nn
 from tinyllm_jax.config import Config
 from tinyllm_jax.errors import Interrupted, UserError
 from tinyllm_jax.eval.evaluate import Evaluation
-from tinyllm_jax.model.t5 import T5, T5Config
+from tinyllm_jax.model.family import family_of
 from tinyllm_jax.train import loss as loss_lib
 from tinyllm_jax.train.distill import KDSpec, Teacher, kd_spec
 from tinyllm_jax.runtime import sharding
@@ -36,7 +36,6 @@ from tinyllm_jax.train.optim import make_optimizer
 
 log = logging.getLogger("tinyllm.train")
 
-MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids", "decoder_segment_ids")
 
 
 class NonFiniteLoss(UserError):
@@ -46,18 +45,20 @@ class NonFiniteLoss(UserError):
 # --------------------------------------------------------------------------- the step
 
 
-def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_loss: float,
+def make_loss_fn(arch: Any, weights: jax.Array, label_smoothing: float, z_loss: float,
                  kd: KDSpec | None = None) -> Callable:
-    """(params, batch, counts_S, rng) -> (total, per-stream CE sums). With `kd` the function
-    takes the teacher's parameters last, runs the teacher on the same packed batch and
-    returns (total, (CE sums, KD divergence sums)), total including kd.weight * KD."""
-    model = T5(t5cfg, deterministic=t5cfg.dropout_rate == 0.0)
+    """(params, batch, counts_S, rng) -> (total, per-stream CE sums), for a student of either
+    family. With `kd` the function takes the teacher's parameters last, runs the teacher on
+    the same packed batch and returns (total, (CE sums, KD divergence sums)), total including
+    kd.weight * KD."""
+    family = family_of(arch)
+    model = family.module(arch, arch.dropout_rate == 0.0)
     num_streams = weights.shape[0]
 
     def student(params, batch, rng):
-        logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), rngs={"dropout": rng})
+        logits = model.apply({"params": params}, *(batch[k] for k in family.model_inputs), rngs={"dropout": rng})
         tokens = loss_lib.token_losses(logits, batch["decoder_target_tokens"], label_smoothing, z_loss)
-        sums_S = loss_lib.stream_sums(tokens, batch["decoder_stream_ids"], batch["decoder_segment_ids"] > 0, num_streams)
+        sums_S = loss_lib.stream_sums(tokens, batch["decoder_stream_ids"], loss_lib.loss_mask(batch), num_streams)
         return logits, sums_S
 
     def loss_fn(params, batch, counts_S, rng):
@@ -67,14 +68,14 @@ def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_
 
     if kd is None:
         return loss_fn
-    teacher = T5(kd.teacher_cfg, deterministic=True)
+    teacher = family_of(kd.teacher_cfg).module(kd.teacher_cfg, True)  # the student's family: it reads the same batch
 
     def kd_loss_fn(params, batch, counts_S, rng, teacher_params):
         logits, sums_S = student(params, batch, rng)
         teacher_logits = jax.lax.stop_gradient(
-            teacher.apply({"params": teacher_params}, *(batch[k] for k in MODEL_INPUTS)))
+            teacher.apply({"params": teacher_params}, *(batch[k] for k in family.model_inputs)))
         div = loss_lib.token_divergences(logits, teacher_logits, kd.divergence, kd.temperature, kd.jsd_beta)
-        kd_sums_S = loss_lib.stream_sums(div, batch["decoder_stream_ids"], batch["decoder_segment_ids"] > 0, num_streams)
+        kd_sums_S = loss_lib.stream_sums(div, batch["decoder_stream_ids"], loss_lib.loss_mask(batch), num_streams)
         total, _ = loss_lib.weighted_loss(sums_S, counts_S, weights)
         total = total + kd.weight * kd.scale * loss_lib.kd_mean(kd_sums_S, counts_S, kd.streams_S())
         return total, (sums_S, kd_sums_S)
@@ -82,7 +83,7 @@ def make_loss_fn(t5cfg: T5Config, weights: jax.Array, label_smoothing: float, z_
     return kd_loss_fn
 
 
-def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def make_train_step(arch: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     weights: np.ndarray, accum_steps: int, seed: int, label_smoothing: float = 0.0,
                     z_loss: float = 0.0, prng_impl: str = "threefry2x32", kd: KDSpec | None = None) -> Callable:
     """state, batch -> state, metrics. With `accum_steps` > 1 every batch array has a
@@ -90,7 +91,7 @@ def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule:
     With `kd`: state, batch, teacher_params -> state, metrics (metrics gain `kd_loss`)."""
     weights = jnp.asarray(weights, jnp.float32)
     num_streams = weights.shape[0]
-    loss_fn = make_loss_fn(t5cfg, weights, label_smoothing, z_loss, kd)
+    loss_fn = make_loss_fn(arch, weights, label_smoothing, z_loss, kd)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     base_key = jax.random.key(seed, impl=prng_impl)
 
@@ -121,7 +122,7 @@ def make_train_step(t5cfg: T5Config, tx: optax.GradientTransformation, schedule:
         metrics = {
             "loss": total, "stream_loss": means_S, "stream_tokens": counts_S,
             "grad_norm": optax.global_norm(grads), "lr": schedule(step),
-            "real_tokens": jnp.sum(flat["encoder_segment_ids"] > 0) + jnp.sum(flat["decoder_segment_ids"] > 0),
+            "real_tokens": sum(jnp.sum(flat[k] > 0) for k in family_of(arch).real_token_keys),
         }
         if kd is not None:
             metrics["kd_loss"] = kd_value  # the divergence, before weight and T^2
@@ -138,7 +139,7 @@ class Trainer:
     """The sharded state and the compiled step of one run."""
 
     cfg: Config
-    t5cfg: T5Config
+    arch: Any  # the student's architecture, of either family (model/family.py)
     mesh: jax.sharding.Mesh
     stream_names: list[str]
     state: dict[str, Any] = None
@@ -149,13 +150,11 @@ class Trainer:
     jitted_step: Callable = None  # (state, batch[, teacher params]) -> (state, metrics)
 
     @classmethod
-    def create(cls, cfg: Config, t5cfg: T5Config, mesh, stream_names, weights, imported_params=None,
+    def create(cls, cfg: Config, arch: Any, mesh, stream_names, weights, imported_params=None,
                teacher: Teacher | None = None) -> "Trainer":
-        self = cls(cfg, t5cfg, mesh, list(stream_names), teacher=teacher)
+        self = cls(cfg, arch, mesh, list(stream_names), teacher=teacher)
         rules = sharding.logical_rules(cfg.mesh)
-        model = T5(t5cfg)
-        dummy = jnp.ones((1, 8), jnp.int32)
-        init = lambda key: model.init(key, dummy, dummy)["params"]  # noqa: E731
+        init = lambda key: family_of(arch).init(arch, key)  # noqa: E731
         boxed = jax.eval_shape(init, jax.random.key(cfg.train.seed))
         self.param_shardings = sharding.param_shardings(boxed, mesh, rules)
         if imported_params is not None:
@@ -170,8 +169,8 @@ class Trainer:
                                 "opt_state": opt_shardings}
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
         self.state = jax.device_put(state, self.state_shardings)
-        kd = None if teacher is None else kd_spec(cfg.distill, teacher.t5cfg, self.stream_names)
-        step = make_train_step(t5cfg, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
+        kd = None if teacher is None else kd_spec(cfg.distill, teacher.arch, self.stream_names)
+        step = make_train_step(arch, tx, schedule, weights, cfg.optim.grad_accum_steps, cfg.train.seed,
                                cfg.optim.label_smoothing, cfg.optim.z_loss, cfg.train.prng_impl, kd)
         lead = 1 if cfg.optim.grad_accum_steps > 1 else 0
         bs = sharding.put_batch_shardings(mesh, lead)
@@ -190,7 +189,8 @@ class Trainer:
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         a = self.cfg.optim.grad_accum_steps
-        batch = {k: batch[k] for k in (*MODEL_INPUTS, "decoder_target_tokens", "decoder_stream_ids")}
+        keys = (*family_of(self.arch).model_inputs, "decoder_target_tokens", "decoder_stream_ids", "decoder_loss_weights")
+        batch = {k: batch[k] for k in dict.fromkeys(keys) if k in batch}
         if a > 1:
             batch = {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
         return sharding.put_batch(batch, self.mesh, leading=1 if a > 1 else 0)
@@ -325,10 +325,11 @@ def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
         if primary:
             run_start.commit(prepared, run_dir)
             distributed.barrier("run directory written")
-    cfg, t5cfg, tokenizer, mesh, data = prepared.cfg, prepared.t5cfg, prepared.tokenizer, prepared.mesh, prepared.data
+    cfg, arch, mesh, data = prepared.cfg, prepared.arch, prepared.mesh, prepared.data
     blocks, num_blocks = prepared.blocks, prepared.num_blocks
+    family = family_of(arch)
     stream_names = [s.name for s in cfg.data.streams]
-    trainer = Trainer.create(cfg, t5cfg, mesh, stream_names, stream_weights(cfg.data.streams), prepared.imported,
+    trainer = Trainer.create(cfg, arch, mesh, stream_names, stream_weights(cfg.data.streams), prepared.imported,
                              prepared.teacher)
     prepared.imported = prepared.teacher = None
 
@@ -345,10 +346,11 @@ def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
     flops_of_shape: dict[tuple[int, int, int], float] = {}  # long batches have more attention FLOPs
 
     def flops(batch: dict[str, Any]) -> float:
-        B, Le = batch["encoder_input_tokens"].shape
-        key = (B * num_blocks // len(blocks), Le, batch["decoder_input_tokens"].shape[1])
+        rows = batch["decoder_input_tokens"].shape[0] * num_blocks // len(blocks)
+        key = (rows, *(batch[k].shape[1] for k in dict.fromkeys(("encoder_input_tokens", "decoder_input_tokens"))
+                       if k in batch))
         if key not in flops_of_shape:
-            flops_of_shape[key] = train_flops_per_step(t5cfg, *key)
+            flops_of_shape[key] = family.flops(arch, *key)
         return flops_of_shape[key]
 
     total = cfg.train.steps

@@ -38,8 +38,17 @@ def stream_sums(values_BxL: jax.Array, stream_ids_BxL: jax.Array, mask_BxL: jax.
     return jnp.einsum("bl,bls->s", values_BxL.astype(jnp.float32), onehot)
 
 
+def loss_mask(batch: dict[str, jax.Array]) -> jax.Array:
+    """[B, L] the target tokens the loss is taken over: every real decoder token of an
+    encoder-decoder batch; in a decoder-only batch the predicted target tokens only
+    (`decoder_loss_weights`), never the prompt."""
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"] > 0
+    return batch["decoder_segment_ids"] > 0
+
+
 def stream_token_counts(batch: dict[str, jax.Array], num_streams: int) -> jax.Array:
-    mask = batch["decoder_segment_ids"] > 0
+    mask = loss_mask(batch)
     return stream_sums(jnp.ones(mask.shape, jnp.float32), batch["decoder_stream_ids"], mask, num_streams)
 
 

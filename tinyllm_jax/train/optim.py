@@ -7,10 +7,22 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from tinyllm_jax.config import OptimConfig
+from tinyllm_jax.config import ConfigError, OptimConfig
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate by step of a run of `total_steps`; with `schedule_offset` the run's
+    step s takes the rate of step offset + s of a schedule `schedule_steps` long (a run that
+    continues another's schedule instead of warming up again)."""
+    offset = cfg.schedule_offset
+    if offset < 0 or (cfg.schedule_steps is not None and cfg.schedule_steps < offset + total_steps):
+        raise ConfigError(f"optim.schedule_offset={offset}, optim.schedule_steps={cfg.schedule_steps}: expected an "
+                          f"offset >= 0 and a schedule at least offset + train.steps ({offset + total_steps}) long")
+    base = _schedule(cfg, cfg.schedule_steps or offset + total_steps)
+    return base if not offset else (lambda step: base(step + offset))
+
+
+def _schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     lr, warm = cfg.learning_rate, max(0, cfg.warmup_steps)
     total = max(total_steps, warm + 1)
     if cfg.schedule == "linear":  # the references' get_linear_schedule_with_warmup

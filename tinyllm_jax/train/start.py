@@ -38,7 +38,7 @@ class Prepared:
     """What a run starts from, all read and checked; nothing is written yet."""
 
     cfg: Config  # as saved in RUN_DIR/config.yaml (the demo's data in RUN_DIR/data)
-    t5cfg: Any
+    arch: Any  # the student's architecture, of either family (model/family.py)
     tokenizer: Any
     imported: Any  # parameters from model.init, or None
     mesh: Any
@@ -145,10 +145,11 @@ def prepare(cfg: Config, run_dir: Path, scratch: Path, primary: bool = True) -> 
     """Reads and checks everything the run needs; writes only into `scratch` (the demo's
     data and a trained tokenizer, until `commit`). The other processes of a multi-host run
     (`primary` false) read what process 0 committed."""
-    from tinyllm_jax.data.packing import PackedIterator, RowShare
+    from tinyllm_jax.data.packing import CAUSAL, PackedIterator, RowShare, layout_of, row_lengths
     from tinyllm_jax.data.sources import has_split, load_split
-    from tinyllm_jax.data.streams import build_examples
+    from tinyllm_jax.data.streams import build_examples, prompt_of
     from tinyllm_jax.eval.evaluate import Evaluation
+    from tinyllm_jax.model.family import family_of
     from tinyllm_jax.model.tokenizer import check_coverage
     from tinyllm_jax.runtime import sharding
     from tinyllm_jax.train.distill import load_teacher
@@ -161,35 +162,36 @@ def prepare(cfg: Config, run_dir: Path, scratch: Path, primary: bool = True) -> 
     train_data = {"records": len(records), "sha256": records_digest(records)}
     if primary:
         check_training_data(cfg, run_dir, train_data)
-    t5cfg, tokenizer, imported = build_student(read_cfg, run_dir, scratch=scratch / "tokenizer")
+    arch, tokenizer, imported = build_student(read_cfg, run_dir, scratch=scratch / "tokenizer")
     mesh = sharding.make_mesh(cfg.mesh)
     divisor = sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps
     if cfg.train.batch_size % divisor:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp "
                           f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
     d = cfg.data
+    layout = layout_of(family_of(arch).layout)
     examples = build_examples(records, d.streams, tokenizer, d.max_input_length, d.max_target_length,
-                              d.answer_source, d.lenient, d.cache_dir)
+                              d.answer_source, d.lenient, d.cache_dir, prompt_of(d, layout is CAUSAL))
     check_coverage(tokenizer, examples)  # a tokenizer that cannot read the data stops here
     blocks, num_blocks = sharding.process_row_blocks(mesh)  # this process's rows of each batch
-    data = PackedIterator(examples, cfg.train.batch_size, d.encoder_length, d.decoder_length,
+    data = PackedIterator(examples, cfg.train.batch_size, *row_lengths(d, layout),
                           seed=d.shuffle_seed, max_segments_per_row=d.max_segments_per_row,
-                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps))
+                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps), layout=layout)
     long_rows = cfg.train.batch_size // data.long_factor
     if long_rows % divisor:
-        raise ConfigError(f"{data.long_examples} training examples are longer than data.encoder_length / "
-                          f"data.decoder_length and train in long batches of train.batch_size / {data.long_factor} "
-                          f"= {long_rows} rows, which must be divisible by data x fsdp "
-                          f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
+        raise ConfigError(f"{data.long_examples} training examples are longer than "
+                          f"{' / '.join(dict.fromkeys(layout.length_keys))} and train in long batches of "
+                          f"train.batch_size / {data.long_factor} = {long_rows} rows, which must be divisible by "
+                          f"data x fsdp ({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
                           f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
     evaluation = None
     if has_split(read_cfg.data, "validation") or has_split(read_cfg.data, "test"):
-        evaluation = Evaluation(read_cfg, t5cfg, tokenizer, mesh)
+        evaluation = Evaluation(read_cfg, arch, tokenizer, mesh)
         for split in ("validation", "test"):  # read and checked now: a bad file fails in seconds, not hours
             if has_split(read_cfg.data, split):
                 evaluation._inputs(split)
-    teacher = load_teacher(cfg, t5cfg, tokenizer, mesh) if cfg.distill.teacher else None
-    return Prepared(final, t5cfg, tokenizer, imported, mesh, data, blocks, num_blocks, teacher, evaluation,
+    teacher = load_teacher(cfg, arch, tokenizer, mesh) if cfg.distill.teacher else None
+    return Prepared(final, arch, tokenizer, imported, mesh, data, blocks, num_blocks, teacher, evaluation,
                     train_data, staged_data)
 
 
@@ -210,7 +212,7 @@ def commit(p: Prepared, run_dir: Path) -> None:
         target = run_dir / "config.yaml"
         save_config(p.cfg, target)
         target = run_dir / "tokenizer"
-        save_student(run_dir, p.t5cfg, p.tokenizer)
+        save_student(run_dir, p.arch, p.tokenizer)
         target = run_dir / TRAIN_DATA
         target.write_text(json.dumps(p.train_data, indent=1) + "\n", encoding="utf-8")
     except OSError as e:

@@ -4,11 +4,11 @@ built from the config's architecture (with the demo's own SentencePiece tokenize
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from tinyllm_jax.config import Config, ConfigError
+from tinyllm_jax.config import Config, ConfigError, ModelConfig
+from tinyllm_jax.model.family import arch_to_json
 from tinyllm_jax.model.t5 import T5Config
 
 
@@ -28,7 +28,7 @@ def prepare_demo_data(cfg: Config, data_dir: Path, write: bool = True) -> Config
     return dataclasses.replace(cfg, data=data)
 
 
-def build_student(cfg: Config, run_dir: Path, scratch: Path | None = None) -> tuple[T5Config, Any, Any | None]:
+def build_student(cfg: Config, run_dir: Path, scratch: Path | None = None) -> tuple[Any, Any, Any | None]:
     """(architecture, tokenizer, imported params or None); writes nothing into RUN_DIR. A
     resumed run takes the tokenizer saved in RUN_DIR/tokenizer; one trained here
     (`model.train_tokenizer_vocab`, the demo) is trained into `scratch` (a temporary
@@ -41,11 +41,13 @@ def build_student(cfg: Config, run_dir: Path, scratch: Path | None = None) -> tu
 
         loaded = load_model(m.init, tokenizer=m.tokenizer is None)
         params, tokenizer = loaded.params, loaded.tokenizer
-        t5cfg = loaded.t5cfg.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
-    else:
+        arch = loaded.arch.replace(dtype=m.dtype, remat=m.remat, dropout_rate=m.dropout_rate)
+    elif m.family == "t5":
         shared = {f.name: getattr(m, f.name) for f in dataclasses.fields(T5Config) if hasattr(m, f.name)}
-        t5cfg = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
+        arch = T5Config(**shared, scale_decoder_outputs=m.tie_word_embeddings)
         tokenizer = None
+    else:
+        arch, tokenizer = None, None  # a decoder-only student: built once its tokenizer's special ids are known
     if m.tokenizer:
         from tinyllm_jax.model.tokenizer import load_tokenizer
 
@@ -59,29 +61,51 @@ def build_student(cfg: Config, run_dir: Path, scratch: Path | None = None) -> tu
     elif tokenizer is None:
         raise ConfigError("model.tokenizer: required when model.init is not set (an HF tokenizer directory or hub id; "
                           "or model.train_tokenizer_vocab to train one on the training records)")
-    if len(tokenizer) > t5cfg.vocab_size:
-        raise ConfigError(f"model.vocab_size={t5cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    return t5cfg, tokenizer, params
+    if arch is None:
+        arch = decoder_from_scratch(m, tokenizer)
+    if len(tokenizer) > arch.vocab_size:
+        raise ConfigError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    return arch, tokenizer, params
 
 
-def save_student(run_dir: Path, t5cfg: T5Config, tokenizer) -> None:
+def decoder_from_scratch(m: ModelConfig, tokenizer) -> Any:
+    """A decoder-only architecture (`model.family`: llama, mistral, qwen2, qwen3) from the
+    model section's sizes, with its tokenizer's special ids."""
+    from tinyllm_jax.model.decoder import DecoderConfig
+    from tinyllm_jax.errors import UserError
+
+    try:
+        return DecoderConfig(
+            vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads or m.num_heads, model_type=m.family,
+            head_dim=m.d_kv, rms_norm_eps=m.layer_norm_epsilon, rope_theta=m.rope_theta,
+            max_position_embeddings=m.max_position_embeddings, attention_bias=m.family == "qwen2",
+            qk_norm=m.family == "qwen3", tie_word_embeddings=m.tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
+            pad_token_id=tokenizer.pad_token_id, dropout_rate=m.dropout_rate, dtype=m.dtype, remat=m.remat)
+    except UserError as e:
+        raise ConfigError(f"model (family {m.family}): {e}") from None
+
+
+def save_student(run_dir: Path, arch: Any, tokenizer) -> None:
     """RUN_DIR/tokenizer and RUN_DIR/model_config.json, for evaluation and export."""
     tokenizer.save_pretrained(str(run_dir / "tokenizer"))
-    (run_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(t5cfg), indent=2))
+    (run_dir / "model_config.json").write_text(arch_to_json(arch))
 
 
 def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
     """A SentencePiece BPE tokenizer trained on every training record (all of data.train,
-    through data.fields) and the stream prefixes."""
-    from tinyllm_jax.data.demo import DEMO_PHRASES, demo_texts
+    through data.fields), the stream prefixes and `model.tokenizer_texts`."""
+    from tinyllm_jax.data.demo import DEMO_PHRASES
     from tinyllm_jax.data.sources import load_split
+    from tinyllm_jax.data.streams import tokenizer_corpus
     from tinyllm_jax.model.tokenizer import train_sentencepiece
 
     records, _ = load_split(cfg.data, "train")
-    extra = [s.prefix for s in cfg.data.streams]
-    if cfg.model.train_tokenizer_vocab:  # a recipe's later stages also train on the demo teachers' feedback
-        extra += list(DEMO_PHRASES)
-    texts = demo_texts(records, extra=extra)
+    extra = list(cfg.model.tokenizer_texts)
+    if cfg.demo or any(r["id"].startswith("demo-") for r in records[:1]):
+        extra += list(DEMO_PHRASES)  # what the demo teachers say in feedback and reviews
+    texts = tokenizer_corpus(records, cfg.data.streams, extra=extra)
     # BPE: on a corpus this small, unigram stops near single characters
     vocab = cfg.model.train_tokenizer_vocab or int(cfg.demo.get("vocab_size", 256))
     return train_sentencepiece(texts, tok_dir, vocab_size=vocab, model_type="bpe")
