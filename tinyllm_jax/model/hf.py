@@ -244,29 +244,10 @@ def save_pretrained(params: dict[str, Any], cfg: T5Config, out_dir: str | Path, 
                     max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Writes config.json, generation_config.json, model.safetensors (sharded with an index
     when larger than `max_shard_bytes`) and the tokenizer files."""
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = params_to_hf(jax_to_numpy(params), cfg)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for k, v in state.items():
-        if size and size + v.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += v.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / WEIGHTS), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for n, shard in enumerate(shards, 1):
-            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.nbytes for v in state.values())
-        (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_weights(out, [(k, v.nbytes, lambda v=v: v) for k, v in state.items()], max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
     gen = {"decoder_start_token_id": cfg.decoder_start_token_id, "eos_token_id": cfg.eos_token_id,
            "pad_token_id": cfg.pad_token_id}
@@ -279,6 +260,32 @@ def save_pretrained(params: dict[str, Any], cfg: T5Config, out_dir: str | Path, 
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def write_weights(out: Path, tensors: list[tuple[str, int, Callable[[], np.ndarray]]],
+                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Writes (HF key, bytes, make tensor) rows as model.safetensors, or as numbered shards of at
+    most `max_shard_bytes` (a tensor larger than that alone) with model.safetensors.index.json.
+    Shards are planned from the sizes and each tensor is made only while its shard is written:
+    rows that convert lazily never hold a second copy of the whole checkpoint."""
+    from safetensors.numpy import save_file
+
+    shards: list[list[tuple[str, int, Callable[[], np.ndarray]]]] = [[]]
+    size = 0
+    for row in tensors:
+        if size and size + row[1] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(row)
+        size += row[1]
+    names = [WEIGHTS] if len(shards) == 1 else [f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+                                                 for n in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        save_file({k: make() for k, _, make in shard}, str(out / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k, _, _ in shard}
+        total = sum(nbytes for shard in shards for _, nbytes, _ in shard)
+        (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def jax_to_numpy(tree: Any) -> Any:

@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from tinyllm_jax.model.layers import NEG_INF, Dropout, dense
+from tinyllm_jax.model.layers import param as _param
+
 Array = jax.Array
-NEG_INF = -1e9  # masked scores; finite so that fully masked (padding) rows stay NaN-free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +80,6 @@ ACTIVATIONS = {
 }
 
 
-def _param(module: nn.Module, name: str, std: float, shape: tuple, axes: tuple) -> Array:
-    init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
-    return module.param(name, init, shape, jnp.float32)
-
-
 def relative_position_buckets(q_len: int, k_len: int, bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
     """[q_len, k_len] bucket ids, computed once at trace time (shapes are static), in
     float32 exactly as transformers does so that imported checkpoints match."""
@@ -109,40 +106,6 @@ def buckets_of(rel: np.ndarray, bidirectional: bool, num_buckets: int, max_dista
     large = np.where(rel < max_exact, 0, large).astype(np.int64)
     large = np.minimum(large, num_buckets - 1)
     return (buckets + np.where(rel < max_exact, rel, large)).astype(np.int32)
-
-
-def _hash32(x: Array) -> Array:
-    """A well-mixing 32-bit integer hash (the "lowbias32" finaliser)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-class Dropout(nn.Module):
-    """Inverted dropout whose mask is a counter-based hash of (one PRNG draw, element index).
-
-    Written by hand because drawing a PRNG value for every element (flax's nn.Dropout) was a
-    quarter of a CPU train step for attention-probability dropout over packed rows; the hash
-    is elementwise, so XLA fuses it into the op that consumes the mask. Deterministic in the
-    dropout key, like nn.Dropout; a different mask stream than nn.Dropout's."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        seed = jax.random.bits(self.make_rng("dropout"), (), jnp.uint32)
-        index = jnp.zeros(x.shape, jnp.uint32)
-        stride = 1
-        for axis in reversed(range(x.ndim)):
-            index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride)
-            stride *= x.shape[axis]
-        bits = _hash32(_hash32(index ^ seed) + seed)
-        keep = bits >= jnp.uint32(min(2**32 - 1, round(self.rate * 2**32)))
-        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -197,28 +160,6 @@ def _add_position_bias_bwd(_, g):
 
 
 add_position_bias.defvjp(_add_position_bias_fwd, _add_position_bias_bwd)
-
-
-@jax.custom_vjp
-def dense(x_NxD: Array, w_DxF: Array) -> Array:
-    """x @ w, with a backward pass laid out for XLA CPU's fast matmul path: the weight
-    gradient is x^T @ g with x^T materialised (a small copy). Left to autodiff, that dot
-    contracts over x's leading axis, which XLA CPU runs in a slow generic kernel: ~9 % of
-    a CPU train step for the vocabulary projection alone."""
-    return x_NxD @ w_DxF
-
-
-def _dense_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _dense_bwd(res, g):
-    x, w = res
-    x_t = jax.lax.optimization_barrier(x.T)  # keeps XLA from folding the transpose into the dot
-    return (g @ w.T).astype(x.dtype), (x_t @ g).astype(w.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class Attention(nn.Module):
