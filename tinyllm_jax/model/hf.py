@@ -8,6 +8,7 @@ parameter path, the transformers state-dict key, and a layout transform that has
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -252,11 +253,6 @@ def save_pretrained(params: dict[str, Any], cfg: T5Config, out_dir: str | Path, 
     gen = {"decoder_start_token_id": cfg.decoder_start_token_id, "eos_token_id": cfg.eos_token_id,
            "pad_token_id": cfg.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    # safetensors writes through a private temporary file (mode 0600): give the weights the
-    # mode every other file got from the umask, so whoever may read the config may read them
-    mode = (out / "config.json").stat().st_mode & 0o777
-    for weights in out.glob("*.safetensors"):
-        weights.chmod(mode)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
@@ -280,12 +276,22 @@ def write_weights(out: Path, tensors: list[tuple[str, int, Callable[[], np.ndarr
         size += row[1]
     names = [WEIGHTS] if len(shards) == 1 else [f"model-{n:05d}-of-{len(shards):05d}.safetensors"
                                                  for n in range(1, len(shards) + 1)]
+    mode = _default_file_mode()
     for name, shard in zip(names, shards):
         save_file({k: make() for k, _, make in shard}, str(out / name), metadata={"format": "pt"})
+        # safetensors writes through a private temporary file (0600): give the weights the mode
+        # the other files get from the umask, so whoever may read the config may read them
+        (out / name).chmod(mode)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k, _, _ in shard}
         total = sum(nbytes for shard in shards for _, nbytes, _ in shard)
         (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def jax_to_numpy(tree: Any) -> Any:
