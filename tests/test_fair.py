@@ -4,6 +4,7 @@ round 1's student), the accepted set equal to what the review scores imply."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,9 @@ def test_demo_fair_two_rounds_round2_mines_round1s_student(tmp_path, capsys):
     assert main(["recipe", str(cfg)]) == 0
     out = capsys.readouterr().out
     rounds = json.loads((run_dir / "rounds.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2] and "round  mistakes" in out
+    assert [r["round"] for r in rounds] == [0, 1, 2] and re.search(r"^round +mistakes", out, re.M)
+    warmup = json.loads((run_dir / "warmup" / "summary.json").read_text())
+    assert rounds[0]["student"] == "warmup" and rounds[0]["validation_accuracy"] == warmup["best_eval_accuracy"]
 
     def mistakes(rd):
         return {json.loads(l)["id"]: json.loads(l)["meta"]["student_answer"]

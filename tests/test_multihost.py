@@ -123,7 +123,7 @@ class Run:
             if (which is None or i in which) and p.poll() is None:
                 p.send_signal(sig)
 
-    def finish(self, timeout: float = 400) -> "Run":
+    def finish(self, timeout: float = 400, status: int = 0) -> "Run":
         deadline = time.time() + timeout
         try:
             for p in self.procs:
@@ -133,7 +133,7 @@ class Run:
         finally:
             self.kill()
         codes = [p.wait() for p in self.procs]
-        assert codes == [0] * self.n, "\n".join(f"--- process {i} (exit {c}):\n{self.output(i)[-2500:]}"
+        assert codes == [status] * self.n, "\n".join(f"--- process {i} (exit {c}):\n{self.output(i)[-2500:]}"
                                                  for i, c in enumerate(codes))
         return self
 
@@ -215,7 +215,7 @@ def test_preempted_then_sigkilled_two_process_run_ends_bitwise_equal(reference, 
     wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip(),
              first, "the first logged step")
     first.kill(signal.SIGTERM, which={1})
-    first.finish()
+    first.finish(status=128 + signal.SIGTERM)  # saved, and non-zero: `train && export` stops there
     said = [o.split("SIGTERM: saved step ")[1].split(",")[0] for o in (first.output(0), first.output(1))]
     assert said[0] == said[1] and saved_steps(run_dir) == [int(said[0])], (said, saved_steps(run_dir))
 

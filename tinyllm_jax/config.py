@@ -229,6 +229,9 @@ class TrainConfig:
     # PRNG behind dropout: "threefry2x32" (JAX's default) or "rbg"/"unsafe_rbg", much faster
     # to draw on CPU and TPU; every choice is deterministic from seed and step.
     prng_impl: Literal["threefry2x32", "rbg", "unsafe_rbg"] = "rbg"
+    # resuming a run on other training records (their content digest differs from the one
+    # the run started on) is refused unless this is true
+    allow_data_change: bool = False
 
 
 @dataclass

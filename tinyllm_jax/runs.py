@@ -11,7 +11,6 @@ above both the model's HF name map and the checkpoints.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

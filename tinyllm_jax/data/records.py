@@ -162,7 +162,10 @@ def iter_located_records(
     if not path.is_file():
         raise RecordError(f"{path}: file not found")
     skipped = skipped if skipped is not None else []
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    try:
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    except OSError as e:  # no read permission, a file system error
+        raise RecordError(f"{path}: cannot read: {e.strerror or e}") from None
     if not text.strip():
         err = RecordError(f"{path}: empty file: no records")
         if not lenient:

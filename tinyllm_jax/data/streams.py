@@ -144,6 +144,8 @@ class StreamStats:
     """What building one stream's examples did to the data."""
 
     examples: int = 0
+    records: int = 0  # records looked at
+    teacher: str | None = None  # a teacher stream's teacher (None: the answer stream)
     records_without_rationale: int = 0
     context_truncated: int = 0
     question_truncated: int = 0  # only when prefix, question and choices alone overflow
@@ -153,8 +155,12 @@ class StreamStats:
 
     def summary(self) -> str:
         parts = [f"{self.examples} examples"]
-        for name in ("records_without_rationale", "context_truncated", "question_truncated",
-                     "target_truncated", "answer_from_gold"):
+        if self.records_without_rationale and self.records:  # FAIR's feedback stream: only feedback records have one
+            parts[0] += (f" from the {self.records - self.records_without_rationale} of {self.records} records "
+                         f"that have a {self.teacher!r} rationale")
+        elif self.records_without_rationale:  # read from an older cache, which did not count the records
+            parts.append(f"{self.records_without_rationale} records have no {self.teacher or 'such'} rationale")
+        for name in ("context_truncated", "question_truncated", "target_truncated", "answer_from_gold"):
             if getattr(self, name):
                 parts.append(f"{getattr(self, name)} {name.replace('_', ' ')}")
         if self.skipped:
@@ -386,7 +392,7 @@ class _ExampleBuilder:
     def build(self, streams: Sequence[StreamConfig], answer_source: str) -> Examples:
         enc, dec, sid, rec_idx, stats = [], [], [], [], {}
         for stream_id, stream in enumerate(streams):
-            st = stats[stream.name] = StreamStats()
+            st = stats[stream.name] = StreamStats(records=len(self.records), teacher=stream.teacher)
             prefix = self._ids([stream.prefix])[0] if stream.prefix else []
             for i, targets in self._targets(stream, answer_source, st):
                 try:

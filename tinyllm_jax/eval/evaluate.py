@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tinyllm_jax.config import Config, ConfigError
-from tinyllm_jax.errors import UserError
+from tinyllm_jax.errors import UserError, check_writable_dir
 from tinyllm_jax.runtime.seeds import stable_seed
 from tinyllm_jax.runtime import sharding
 
@@ -187,7 +187,10 @@ def evaluate_command(cfg: Config, checkpoint: str | None = None, split: str = "t
     from tinyllm_jax.runs import load_run, run_model_config
 
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir: {run_dir} is a file, not a training run directory")
     run_model_config(run_dir)  # a clear error before anything else when this is no run
+    check_writable_dir(run_dir / "eval", "run_dir")  # predictions and the summary go there
     saved = run_dir / "config.yaml"
     if saved.is_file() and not cfg.data.train:
         from tinyllm_jax.config import load_config

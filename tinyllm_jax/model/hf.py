@@ -8,6 +8,7 @@ parameter path, the transformers state-dict key, and a layout transform that has
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -275,12 +276,22 @@ def write_weights(out: Path, tensors: list[tuple[str, int, Callable[[], np.ndarr
         size += row[1]
     names = [WEIGHTS] if len(shards) == 1 else [f"model-{n:05d}-of-{len(shards):05d}.safetensors"
                                                  for n in range(1, len(shards) + 1)]
+    mode = _default_file_mode()
     for name, shard in zip(names, shards):
         save_file({k: make() for k, _, make in shard}, str(out / name), metadata={"format": "pt"})
+        # safetensors writes through a private temporary file (0600): give the weights the mode
+        # the other files get from the umask, so whoever may read the config may read them
+        (out / name).chmod(mode)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k, _, _ in shard}
         total = sum(nbytes for shard in shards for _, nbytes, _ in shard)
         (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def jax_to_numpy(tree: Any) -> Any:

@@ -26,16 +26,18 @@ def method_module(cfg: RecipeConfig):
 def recipe_command(config: str, overrides: list[str], dry_run: bool = False, only: str | None = None) -> dict[str, Any]:
     """Runs (or, with `dry_run`, describes) the recipe; writes and prints its summary."""
     from tinyllm_jax.config import save_config
+    from tinyllm_jax.errors import check_writable_dir, make_dir
     from tinyllm_jax.train.loop import setup_logging
 
     setup_logging()
     cfg = load_recipe(config, overrides)
     stages = method_stages(cfg)
     run_dir = Path(cfg.run_dir)
+    check_writable_dir(run_dir, "run_dir")
     if dry_run:
         print(f"recipe {cfg.method} in {run_dir}: {len(stages)} stages")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir, "run_dir")
         save_config(cfg, run_dir / "recipe.yaml")
     statuses = run_stages(stages, run_dir, dry_run=dry_run, only=only)
     if dry_run:

@@ -21,7 +21,8 @@ from tinyllm_jax.recipes.stages import Stage, stage_dir
 log = logging.getLogger("tinyllm.recipe")
 
 MANIFEST = "splits.json"
-_DISPLAY_KEYS = {"progress"}  # settings that change how a stage prints, never what it writes
+# settings that change how a stage prints or starts, never what it writes
+_DISPLAY_KEYS = {"progress", "allow_data_change"}
 
 
 def settings_of(section: Any) -> Any:
@@ -186,7 +187,7 @@ def rationales_stage(cfg: RecipeConfig, run_dir: Path, records_from: str, name: 
             if s in splits:
                 splits[s] = out / splits[s].name
         write_manifest(out, splits)
-        return {"new_requests": report["new"]}
+        return {"new_requests": sent_requests(report)}
 
     def plan() -> str:
         from tinyllm_jax.teachers.generate import plan_rationales
@@ -206,6 +207,13 @@ def rationales_stage(cfg: RecipeConfig, run_dir: Path, records_from: str, name: 
     settings = {"rationales": settings_of(dataclasses.replace(cfg.rationales, input=[], output="")),
                 "splits": cfg.rationale_splits, "task": cfg.rationales.task or cfg.eval.task}
     return Stage(name, run, settings, writes=[out / MANIFEST], reads=[src / MANIFEST], fresh_on_change=False, plan=plan)
+
+
+def sent_requests(report: dict[str, Any]) -> int:
+    """The requests a `tinyllm rationales` run sent: the records' and, where it ran, the
+    zero-shot pass that found the in-context examples (what --dry-run counted)."""
+    counts = [c for per_file in report["teachers"].values() for c in per_file.values()]
+    return report["new"] + sum((c.get("pool") or {}).get("new", 0) for c in counts)
 
 
 def _estimate_requests(cfg: RecipeConfig) -> str:
@@ -251,8 +259,6 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, records_from: str, name: str =
         from tinyllm_jax.train.loop import train
 
         result = train(train_config(cfg, out, read_manifest(src), **dict(sections)), evaluate_test=False)
-        if "preempted_at" in result:
-            raise UserError(f"stopped by SIGTERM at step {result['preempted_at']} (saved); rerun to resume")
         return {"final_loss": result.get("final_loss")}
 
     return Stage(name, run, settings, writes=[out / "summary.json"], reads=[src / MANIFEST])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from tinyllm_jax.config import Config, ConfigError, ModelConfig, OptimConfig, TrainConfig, load_config
+from tinyllm_jax.config import Config, ConfigError, ModelConfig, OptimConfig, TrainConfig, load_config, to_dict
 
 SPLITS = ("train", "validation", "test")
 
@@ -138,7 +138,32 @@ def load_recipe(path: str, overrides: list[str] = ()) -> RecipeConfig:
     return cfg
 
 
+# a method's own section: set on a recipe of another method, it would do nothing
+METHOD_SECTIONS = {"fair": "fair", "mentor": "mentor_kd"}
+
+
+def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_method_sections(cfg: RecipeConfig, where: str) -> None:
+    """`fair.*` on a TinyLLM recipe, `mentor.*` on FAIR...: refused by name, not ignored."""
+    for section, method in METHOD_SECTIONS.items():
+        if cfg.method == method:
+            continue
+        default = _flat(to_dict(type(getattr(cfg, section))()), f"{section}.")
+        given = _flat(to_dict(getattr(cfg, section)), f"{section}.")
+        changed = [k for k in given if given[k] != default.get(k)]
+        if changed:
+            raise ConfigError(f"{where}: {changed[0]}: a setting of method {method}, but this recipe's method is "
+                              f"{cfg.method}; remove it (or set method: {method})")
+
+
 def check_recipe(cfg: RecipeConfig, where: str) -> None:
+    check_method_sections(cfg, where)
     for split in SPLITS:
         if getattr(cfg.data, split):
             raise ConfigError(f"{where}: data.{split}: set by the recipe from its data stage; give the records "

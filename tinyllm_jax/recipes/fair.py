@@ -181,8 +181,6 @@ def warmup_stage(cfg: RecipeConfig, run_dir: Path) -> Stage:
         write_jsonl(run_path / "material.jsonl", material)
         result = train(common.train_config(cfg, run_path, {**splits, "train": run_path / "material.jsonl"},
                                            **sections), evaluate_test=False)
-        if "preempted_at" in result:
-            raise UserError(f"stopped by SIGTERM at step {result['preempted_at']} (saved); rerun to resume")
         return {"final_loss": result.get("final_loss"), "records": len(material)}
 
     settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, **sections)),
@@ -329,9 +327,7 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
         tcfg = common.train_config(cfg, run_path, splits, eval=_eval_config(cfg), optim=optim,
                                    data=dataclasses.replace(cfg.data, streams=streams),
                                    model=dataclasses.replace(cfg.model, init=init))
-        result = train(tcfg, evaluate_test=False)
-        if "preempted_at" in result:
-            raise UserError(f"stopped by SIGTERM at step {result['preempted_at']} (saved); rerun to resume")
+        train(tcfg, evaluate_test=False)
         return {"records": len(records), "feedback_records": counts[FEEDBACK], "rationale_records": counts[RATIONALE],
                 "replay_records": len(replayed)}
 
@@ -369,9 +365,24 @@ def replay_records(cfg: RecipeConfig, rd: str, train: list[dict[str, Any]], mist
 # --------------------------------------------------------------------------- the report
 
 
+def round_zero(cfg: RecipeConfig, run_dir: Path) -> dict[str, Any]:
+    """The student round 1 starts from (the warm-up student, model.init, or the reference's
+    published one), with its validation accuracy when it was evaluated (the warm-up's
+    selected checkpoint), so that a round that makes the student worse shows."""
+    if cfg.fair.round1_records:
+        return {"round": 0, "student": "published", "validation_accuracy": None, "test_accuracy": None}
+    if cfg.fair.warmup_steps <= 0:
+        return {"round": 0, "student": cfg.model.init, "validation_accuracy": None, "test_accuracy": None}
+    summary = stage_dir(run_dir, "warmup") / "summary.json"
+    best = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
+    return {"round": 0, "student": "warmup", "validation_accuracy": best.get(f"best_{cfg.checkpoint.best_metric}"),
+            "test_accuracy": None}
+
+
 def report(cfg: RecipeConfig, run_dir: Path) -> dict[str, Any]:
-    """Per round: mistakes, requests, feedback and rationales collected, accepted, accuracy."""
-    rounds = []
+    """Per round: mistakes, requests, feedback and rationales collected, accepted, accuracy;
+    round 0 is the student round 1 starts from."""
+    rounds = [round_zero(cfg, run_dir)]
     for r in range(1, cfg.fair.rounds + 1):
         rd = f"round{r}"
         res = {name: (read_record(run_dir, f"{rd}/{name}") or {}).get("result") or {}
@@ -401,6 +412,10 @@ def format_report(rep: dict[str, Any]) -> str:
             "test acc")
     rows = [head]
     for r in rep["rounds"]:
+        if r["round"] == 0:  # the starting student: nothing mined or asked
+            rows.append((f"0 ({r['student']})", "-", "-", "-", "-", "-", _pct(r["validation_accuracy"]),
+                         _pct(r["test_accuracy"])))
+            continue
         acc = f"{r['accepted']}/{r['reviewed']}" if r["reviewed"] is not None else "no review"
         rows.append((r["round"], r["mistakes"], r["requests"], r["sent"], r.get("cached"), acc, r.get("empty_reviews"),
                      r["unparseable_reviews"], _pct(r["validation_accuracy"]), _pct(r["test_accuracy"])))

@@ -10,8 +10,13 @@ that stage and every stage after it), and the content of the user's files it rea
 stage is done when its record says "done" with the current fingerprint and everything it
 writes exists. A record with another fingerprint means a setting (or an earlier stage)
 changed: the stage reruns, says which settings changed, and, if it is `fresh_on_change`,
-starts from an empty folder (training); else it keeps its folder (the teacher cache:
-answers already paid for are never thrown away).
+starts from an empty folder (training), its old output moved aside to
+
+    RUN_DIR/previous/<stage name>/<old fingerprint>/
+
+and taken back, not recomputed, when the settings return to those; a stage that is not
+`fresh_on_change` keeps its folder (the teacher cache: answers already paid for are never
+thrown away).
 A record that says "running" with the current fingerprint is a stage that was killed:
 it reruns in place, and resumes (training from its checkpoint, teachers from their cache).
 """
@@ -32,6 +37,7 @@ from tinyllm_jax.errors import UserError
 log = logging.getLogger("tinyllm.recipe")
 
 RECORD = "stage.json"
+KEPT = "previous"  # RUN_DIR/previous/<stage>/<fingerprint>/: a stage's output under other settings
 
 
 class StageError(UserError):
@@ -57,7 +63,11 @@ def stage_dir(run_dir: Path, name: str) -> Path:
 
 
 def read_record(run_dir: Path, name: str) -> dict[str, Any] | None:
-    path = stage_dir(run_dir, name) / RECORD
+    return _record_in(stage_dir(run_dir, name))
+
+
+def _record_in(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / RECORD
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -112,12 +122,44 @@ def changed_settings(old: Any, new: Any, prefix: str = "") -> list[str]:
 @dataclass
 class StageStatus:
     name: str
-    state: str  # "done", "to run", "to resume", "to rerun"
+    state: str  # "done", "to run", "to resume", "to rerun", "to take back"
     reason: str = ""
+
+
+def kept_output(run_dir: Path, name: str, fp: str) -> Path | None:
+    """The output of stage `name` under the settings of fingerprint `fp`, moved aside when
+    those settings changed; None when there is none."""
+    folder = Path(run_dir) / KEPT / name / fp
+    return folder if (_record_in(folder) or {}).get("fingerprint") == fp else None
+
+
+def _put_aside(stage: Stage, run_dir: Path) -> Path | None:
+    """Moves the stage's folder to RUN_DIR/previous/<stage>/<its fingerprint>/."""
+    folder = stage_dir(run_dir, stage.name)
+    if not folder.is_dir():
+        return None
+    fp = (read_record(run_dir, stage.name) or {}).get("fingerprint") or "unrecorded"
+    dest = Path(run_dir) / KEPT / stage.name / fp
+    if dest.exists():  # an older copy under the same settings: the newer one wins
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(dest)
+    return dest
+
+
+def _take_back(stage: Stage, run_dir: Path, kept: Path) -> None:
+    """The kept output of these settings back in place; what is there now goes aside."""
+    _put_aside(stage, run_dir)
+    stage_dir(run_dir, stage.name).parent.mkdir(parents=True, exist_ok=True)
+    kept.rename(stage_dir(run_dir, stage.name))
 
 
 def status(stage: Stage, run_dir: Path, fp: str) -> StageStatus:
     record = read_record(run_dir, stage.name)
+    if (record is None or record.get("fingerprint") != fp) and stage.fresh_on_change:
+        kept = kept_output(run_dir, stage.name, fp)
+        if kept is not None:
+            return StageStatus(stage.name, "to take back", f"its output under these settings is kept in {kept}")
     if record is None:
         return StageStatus(stage.name, "to run")
     if record.get("fingerprint") != fp:
@@ -142,6 +184,10 @@ def run_stages(stages: Sequence[Stage], run_dir: str | Path, *, dry_run: bool = 
     for stage in stages:
         fp = fingerprint(stage, fp)
         st = status(stage, run_dir, fp)
+        if st.state == "to take back" and not dry_run and (only is None or names.index(stage.name) <= names.index(only)):
+            echo(f"stage {stage.name}: settings as in an earlier run: {st.reason}; taking it back")
+            _take_back(stage, run_dir, kept_output(run_dir, stage.name, fp))
+            st = status(stage, run_dir, fp)
         statuses.append(st)
         missing = missing_user_files(stage)
         if dry_run:
@@ -160,9 +206,9 @@ def run_stages(stages: Sequence[Stage], run_dir: str | Path, *, dry_run: bool = 
             echo(f"stage {stage.name}: done, skipped")
             continue
         if st.state == "to rerun":
-            echo(f"stage {stage.name}: settings changed ({st.reason}): rerunning it and the stages after it")
-            if stage.fresh_on_change:
-                _empty(stage_dir(run_dir, stage.name))
+            kept = _put_aside(stage, run_dir) if stage.fresh_on_change else None
+            aside = f"; its output is kept in {kept}" if kept else ""
+            echo(f"stage {stage.name}: settings changed ({st.reason}){aside}: rerunning it and the stages after it")
         elif st.state == "to resume":
             echo(f"stage {stage.name}: resuming ({st.reason})")
         else:
@@ -193,11 +239,6 @@ def _run_one(stage: Stage, run_dir: Path, fp: str) -> None:
     if isinstance(result, dict):
         record["result"] = result
     _write_record(run_dir, stage.name, record)
-
-
-def _empty(folder: Path) -> None:
-    if folder.is_dir():
-        shutil.rmtree(folder)
 
 
 def _describe(stage: Stage, st: StageStatus, echo: Callable[[str], None]) -> None:

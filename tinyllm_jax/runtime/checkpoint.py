@@ -7,18 +7,71 @@ processes every one of them calls `save` and `restore` at the same step: each wr
 array shards its devices own (one copy of replicated data), process 0 writes the metadata
 and the data iterator state and commits the step once all are done. The directory must be
 the same shared path for every process. A state saved by N processes restores into any
-other number of processes (the arrays are resharded to the new mesh on read)."""
+other number of processes (the arrays are resharded to the new mesh on read).
+
+A save that fails on the file system (disk full, a quota, permissions) stops the run with
+`CheckpointError`, one line naming the step, the folder and the reason; the step's
+unfinished folder is never committed, so the last complete checkpoint stays the latest."""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from tinyllm_jax.config import CheckpointConfig
+from tinyllm_jax.errors import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written; the previous one is kept."""
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """The steps saved completely in `directory`, read without Orbax (an unfinished save
+    carries a temporary suffix: only complete steps are plain numbers)."""
+    folder = Path(directory)
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def _io_reason(err: BaseException) -> str | None:
+    """The operating system's reason for a failed write: an OSError's, or the errno that
+    TensorStore quotes in its ValueError; None for anything else (a bug, not the disk)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    found = re.search(r"os_error_code='(\d+)'", str(err))
+    return os.strerror(int(found.group(1))) if found else None
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """When a save fails, Orbax closes its event loop while TensorStore still holds callbacks
+    for the writes in flight; each then reports "Event loop is closed" as an unraisable
+    exception (a traceback each, dozens of them). Only those are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_tinyllm", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._tinyllm = True
+    sys.unraisablehook = hook
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Orbax logs a failed background save at length (tracebacks, TensorStore specs) before
+    it raises; we report it in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
 class Checkpointer:
@@ -39,13 +92,37 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
+        self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(), options=options,
+            self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        self._unsaved: int | None = None  # the step being written in the background
+        self._failed = False
+        if not read_only:
+            _ignore_closed_loop_callbacks()
+            if not any(isinstance(f, _QuietOrbaxErrors) for f in logging.getLogger("absl").filters):
+                logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
+
+    def _guarded(self, step: int | None, write: Callable[[], Any]) -> Any:
+        """Runs `write`; a failure of the file system becomes one CheckpointError."""
+        try:
+            return write()
+        except (OSError, ValueError) as e:
+            reason = _io_reason(e)
+            if reason is None:
+                raise
+            self._failed = True
+            kept = complete_steps(self.directory)
+            keeps = f"the last complete checkpoint, step {kept[-1]}, is kept" if kept else "no checkpoint is complete yet"
+            raise CheckpointError(f"run_dir: cannot save checkpoint step {step if step is not None else '?'} in "
+                                  f"{self.directory}: {reason}; {keeps} (free space, then rerun the same command "
+                                  f"to resume)") from None
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        self._guarded(self._unsaved, self.manager.wait_until_finished)  # the previous save's failure is its own
+        self._unsaved = step
+        self._guarded(step, lambda: self.manager.save(step, args=args, metrics=metrics, force=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -72,9 +149,11 @@ class Checkpointer:
         return jax.tree.map(np.asarray, out["state"]["params"])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._guarded(self._unsaved, self.manager.wait_until_finished)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed:  # reported; closing would raise it again and strand TensorStore's callbacks
+            return
+        self.wait()
         self.manager.close()
 

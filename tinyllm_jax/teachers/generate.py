@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from tinyllm_jax.config import Config, ConfigError, RationalesConfig, TeacherConfig
 from tinyllm_jax.data.records import read_jsonl, write_jsonl
-from tinyllm_jax.errors import UserError
+from tinyllm_jax.errors import UserError, check_writable_dir
 from tinyllm_jax.runtime.seeds import stable_seed
 from tinyllm_jax.eval.scoring import extract, get_task, is_correct
 from tinyllm_jax.teachers.backends import Job, OpenAICompatible, RunStats, read_api_key
@@ -71,6 +71,8 @@ def generate_rationales(cfg: Config, *, on_result: Callable[[dict[str, Any]], No
     """Collects the rationales and writes the outputs; returns the report (see report.py).
     `on_result(entry)` is called after each new answer is cached (progress hooks, tests)."""
     rc = cfg.rationales
+    check_writable_dir(rc.output, "rationales.output")
+    check_writable_dir(_cache_path(rc).parent, "rationales.cache")
     datasets, examples, task = _prepare(cfg)
     out_dir = Path(rc.output)
     report: dict[str, Any] = {"teachers": {}, "cache": str(_cache_path(rc))}

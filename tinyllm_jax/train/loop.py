@@ -23,16 +23,16 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from tinyllm_jax.config import Config, save_config
-from tinyllm_jax.errors import UserError
+from tinyllm_jax.config import Config
+from tinyllm_jax.errors import Interrupted, UserError
 from tinyllm_jax.eval.evaluate import Evaluation
 from tinyllm_jax.model.family import family_of
 from tinyllm_jax.train import loss as loss_lib
-from tinyllm_jax.train.distill import Distillation, KDSpec, Teacher, kd_spec, load_distillation, teacher_configs
+from tinyllm_jax.train.distill import Distillation, KDSpec, Teacher, kd_spec
 from tinyllm_jax.train.objective import kd_total, make_loss_fn
 from tinyllm_jax.runtime import sharding
 from tinyllm_jax.runtime.checkpoint import Checkpointer
-from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device, train_flops_per_step
+from tinyllm_jax.train.metrics import MetricsLog, peak_flops_per_device
 from tinyllm_jax.train.optim import make_optimizer
 
 log = logging.getLogger("tinyllm.train")
@@ -204,23 +204,29 @@ def setup_logging(level: int | None = None) -> None:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and exits cleanly at the next step boundary.
+    """SIGINT (Ctrl-C) and SIGTERM set a flag; the loop saves at the next step boundary and
+    stops (`interrupted`). A second signal before that raises KeyboardInterrupt: Orbax
+    commits a checkpoint only once it is complete, so the previous one stays the latest.
     With several processes (a signal may reach only some of them) JAX's preemption service
     catches SIGTERM instead, and `check(step)` turns true on every process at the same
     step, so that all of them save that step together."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum = signal.SIGTERM
+        self._old: dict[int, Any] = {}
         self._synced = jax.process_count() > 1 and jax.distributed.is_initialized()
 
     def __enter__(self):
         if self._synced:
             return self
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        for signum in self.SIGNALS:
+            try:
+                self._old[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def check(self, step: int) -> None:
@@ -230,34 +236,20 @@ class _Preemption:
             self.requested = multihost_utils.reached_preemption_sync_point(step)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        log.warning("%s: saving at the end of this step, then stopping (%s again: stop without saving)",
+                    signal.Signals(signum).name, signal.Signals(signum).name)
+
+    def interrupted(self, step: int) -> Interrupted:
+        name = signal.Signals(self.signum).name
+        return Interrupted(f"{name}: saved step {step}, stopped; rerun the same command to resume from step {step}",
+                           128 + self.signum)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-def _warn_on_changed_config(cfg: Config, run_dir: Path) -> None:
-    """Resuming a run with other settings is allowed (more steps, say) but never silent."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() or not (run_dir / "checkpoints").is_dir():
-        return
-    import yaml
-
-    from tinyllm_jax.config import to_dict
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    old, new = dict(flat(yaml.safe_load(saved.read_text()) or {})), dict(flat(to_dict(cfg)))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        log.warning("resuming %s with changed settings: %s", run_dir,
-                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8]))
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 def _host_metrics(m: dict[str, Any], stream_names: list[str], kd_names: Sequence[str] = ()) -> dict[str, Any]:
@@ -280,58 +272,51 @@ def _host_metrics(m: dict[str, Any], stream_names: list[str], kd_names: Sequence
 def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     """Runs (or resumes) the run described by `cfg`; returns the final summary. The test
     split is scored once at the end with the selected checkpoint, unless `evaluate_test`
-    is False (the recipes score it in a stage of their own)."""
+    is False (the recipes score it in a stage of their own). Everything is read and checked
+    before RUN_DIR is written (train/start.py); a finished run is not run again. SIGINT and
+    SIGTERM save the step and raise `Interrupted`, which names the step a rerun resumes from."""
+    try:
+        return _train(cfg, evaluate_test)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop, or a second one before the save
+        from tinyllm_jax.train.start import latest_checkpoint
+
+        step = latest_checkpoint(Path(cfg.run_dir))
+        where = f"resume from step {step}" if step else "start again (no checkpoint saved yet)"
+        raise Interrupted(f"SIGINT: stopped without saving; rerun the same command to {where}", 130) from None
+
+
+def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
+    import tempfile
+
     from tqdm.auto import tqdm
 
-    from tinyllm_jax.data.packing import CAUSAL, PackedIterator, RowShare, layout_of, row_lengths
-    from tinyllm_jax.data.streams import examples_for_split, stream_weights
-    from tinyllm_jax.model.tokenizer import check_coverage
+    from tinyllm_jax.data.streams import stream_weights
     from tinyllm_jax.runtime import distributed
-    from tinyllm_jax.train.student import build_student, prepare_demo_data
+    from tinyllm_jax.train import start as run_start
 
     primary = distributed.is_primary()  # process 0 writes the run directory; the others read
     setup_logging(None if primary else logging.WARNING)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        cfg = prepare_demo_data(cfg, run_dir)
-        _warn_on_changed_config(cfg, run_dir)
-        save_config(cfg, run_dir / "config.yaml")
-        arch, tokenizer, imported = build_student(cfg, run_dir)
-    distributed.barrier("run directory written")
+    run_start.check_run_dir(run_dir)
+    finished = run_start.finished_summary(cfg, run_dir)
+    distributed.barrier("checked whether the run is finished")
+    if finished is not None:
+        return _already_finished(finished, run_dir, cfg.checkpoint.best_metric, primary)
     if not primary:
-        cfg = prepare_demo_data(cfg, run_dir, write=False)
-        arch, tokenizer, imported = build_student(cfg, run_dir, write=False)
-    mesh = sharding.make_mesh(cfg.mesh)
-    if cfg.train.batch_size % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
-        from tinyllm_jax.config import ConfigError
-
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp "
-                          f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps ({cfg.optim.grad_accum_steps})")
+        distributed.barrier("run directory written")
+    with tempfile.TemporaryDirectory(prefix="tinyllm-start-") as scratch:
+        prepared = run_start.prepare(cfg, run_dir, Path(scratch), primary)
+        if primary:
+            run_start.commit(prepared, run_dir)
+            distributed.barrier("run directory written")
+    cfg, arch, mesh, data = prepared.cfg, prepared.arch, prepared.mesh, prepared.data
+    blocks, num_blocks = prepared.blocks, prepared.num_blocks
     family = family_of(arch)
-    layout = layout_of(family.layout)
-    examples = examples_for_split(cfg.data, "train", tokenizer, causal=layout is CAUSAL)
-    check_coverage(tokenizer, examples)  # a tokenizer that cannot read the data stops here
-    # the teachers: online ones on the mesh, stored soft labels riding with their examples' tokens
-    distillation, examples = (load_distillation(cfg, arch, tokenizer, mesh, examples)
-                              if teacher_configs(cfg.distill) else (None, examples))
-    blocks, num_blocks = sharding.process_row_blocks(mesh)  # this process's rows of each batch
-    data = PackedIterator(examples, cfg.train.batch_size, *row_lengths(cfg.data, layout),
-                          seed=cfg.data.shuffle_seed, max_segments_per_row=cfg.data.max_segments_per_row,
-                          share=RowShare(blocks, num_blocks, cfg.optim.grad_accum_steps), layout=layout)
-    long_rows = cfg.train.batch_size // data.long_factor
-    if long_rows % (sharding.batch_divisor(mesh) * cfg.optim.grad_accum_steps):
-        from tinyllm_jax.config import ConfigError
-
-        raise ConfigError(f"{data.long_examples} training examples are longer than {' / '.join(dict.fromkeys(layout.length_keys))} "
-                          f"and train in long batches of train.batch_size / {data.long_factor} "
-                          f"= {long_rows} rows, which must be divisible by data x fsdp "
-                          f"({sharding.batch_divisor(mesh)}) x optim.grad_accum_steps "
-                          f"({cfg.optim.grad_accum_steps}); raise the lengths or the batch size")
     stream_names = [s.name for s in cfg.data.streams]
-    trainer = Trainer.create(cfg, arch, mesh, stream_names, stream_weights(cfg.data.streams), imported, distillation)
-    kd_names = [] if distillation is None else [s.name for s in distillation.specs]
-    del imported, distillation
+    trainer = Trainer.create(cfg, arch, mesh, stream_names, stream_weights(cfg.data.streams), prepared.imported,
+                             prepared.distillation)
+    kd_names = [] if prepared.distillation is None else [s.name for s in prepared.distillation.specs]
+    prepared.imported = prepared.distillation = None
 
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     start = ckpt.latest_step() or 0
@@ -340,7 +325,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
         data.restore(data_state)
         log.info("resumed from step %d", start)
     metrics_log = MetricsLog(run_dir, resume_step=start if start else None)
-    evaluator = _make_evaluator(cfg, arch, tokenizer, mesh, run_dir, metrics_log)
+    evaluator = _make_evaluator(cfg, prepared.evaluation, run_dir, metrics_log)
 
     peak = peak_flops_per_device()
     flops_of_shape: dict[tuple[int, int, int], float] = {}  # long batches have more attention FLOPs
@@ -402,13 +387,14 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
                 if eval_due or save_due:
                     flush(*pending)
                     pending = None
+                    paused = time.time()
                     eval_metrics = evaluator(trainer.state["params"], step, "validation") if eval_due else None
                     ckpt.save(step, trainer.state, data.state(),
                               metrics=eval_metrics if eval_metrics and cfg.checkpoint.best_metric in eval_metrics else None)
+                    interval_start = _leave_out_of_step_times(bar, interval_start, time.time() - paused)
                 if preempt.requested:
                     ckpt.wait()
-                    log.warning("SIGTERM: saved step %d, exiting", step)
-                    return {"preempted_at": step}
+                    raise preempt.interrupted(step)
             if pending is not None:
                 flush(*pending)
         ckpt.wait()
@@ -432,6 +418,14 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
         metrics_log.close()
 
 
+def _leave_out_of_step_times(bar, interval_start: float, seconds: float) -> float:
+    """Evaluation and checkpoint time is no training time: the progress bar's rate (its ETA)
+    and the next logged tokens/s leave it out. Returns the shifted interval start."""
+    if not bar.disable:
+        bar.last_print_t += seconds  # tqdm's smoothed rate uses the time since its last print
+    return interval_start + seconds
+
+
 def _best_validation(run_dir: Path, best: int | None, metric: str) -> dict[str, Any]:
     """The selected step and its validation `metric`, read back from metrics.jsonl (which a
     resumed run shares with the runs before it)."""
@@ -444,6 +438,14 @@ def _best_validation(run_dir: Path, best: int | None, metric: str) -> dict[str, 
     return {"best_step": best, f"best_{metric}": value}
 
 
+def _already_finished(summary: dict[str, Any], run_dir: Path, metric: str, primary: bool) -> dict[str, Any]:
+    """A finished run started again with the same settings: one line, nothing rerun."""
+    if primary:
+        print(f"{run_dir}: already finished (raise train.steps to train on); "
+              + _summary_line(summary, run_dir / "summary.json", metric), flush=True)
+    return summary
+
+
 def _summary_line(result: dict[str, Any], summary: Path, metric: str) -> str:
     """One line to end a run on: the selected step, its validation score, test accuracy."""
     best, value = result.get("best_step"), result.get(f"best_{metric}")
@@ -454,17 +456,12 @@ def _summary_line(result: dict[str, Any], summary: Path, metric: str) -> str:
     return f"trained {result['steps']} steps: {chosen}{tested}; summary: {summary}"
 
 
-def _make_evaluator(cfg: Config, arch: Any, tokenizer, mesh, run_dir: Path, metrics_log: MetricsLog):
+def _make_evaluator(cfg: Config, evaluation: Evaluation | None, run_dir: Path, metrics_log: MetricsLog):
     """params, step, split -> metrics dict (logged), or None when there is nothing to evaluate."""
     from tinyllm_jax.data.sources import has_split
 
-    if not has_split(cfg.data, "validation") and not has_split(cfg.data, "test"):
+    if evaluation is None:
         return None
-
-    evaluation = Evaluation(cfg, arch, tokenizer, mesh)
-    for split in ("validation", "test"):  # read and checked now: a bad file fails in seconds, not hours
-        if has_split(cfg.data, split):
-            evaluation._inputs(split)
 
     def run(params, step: int, split: str) -> dict[str, float] | None:
         if not has_split(cfg.data, split):

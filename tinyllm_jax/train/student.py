@@ -4,7 +4,6 @@ built from the config's architecture (with the demo's own SentencePiece tokenize
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +12,27 @@ from tinyllm_jax.model.family import arch_to_json
 from tinyllm_jax.model.t5 import T5Config
 
 
-def prepare_demo_data(cfg: Config, run_dir: Path, write: bool = True) -> Config:
-    """With a `demo:` section, writes the generated data set into RUN_DIR/data (without
-    `write`: only points at it, as the other processes of a multi-host run do) and points
-    data.train/validation/test at it."""
+def prepare_demo_data(cfg: Config, data_dir: Path, write: bool = True) -> Config:
+    """With a `demo:` section, writes the generated data set into `data_dir` (without
+    `write`: only points at it, as a resumed run and the other processes of a multi-host
+    run do) and points data.train/validation/test at it."""
     if not cfg.demo:
         return cfg
     from tinyllm_jax.data.demo import FILE_NAMES, write_demo_from_options
 
     opts = {k: v for k, v in cfg.demo.items() if k != "vocab_size"}  # vocab_size: the tokenizer's
-    paths = (write_demo_from_options(run_dir / "data", opts) if write
-             else {split: str(run_dir / "data" / name) for split, name in FILE_NAMES.items()})
+    paths = (write_demo_from_options(data_dir, opts) if write
+             else {split: str(Path(data_dir) / name) for split, name in FILE_NAMES.items()})
     data = dataclasses.replace(cfg.data, train=[str(paths["train"])], validation=[str(paths["validation"])],
                                test=[str(paths["test"])])
     return dataclasses.replace(cfg, data=data)
 
 
-def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Config, Any, Any | None]:
-    """(architecture, tokenizer, imported params or None). The tokenizer is saved in
-    RUN_DIR/tokenizer and the architecture in RUN_DIR/model_config.json, for export (not
-    without `write`: the other processes of a multi-host run read the tokenizer process 0
-    saved)."""
+def build_student(cfg: Config, run_dir: Path, scratch: Path | None = None) -> tuple[Any, Any, Any | None]:
+    """(architecture, tokenizer, imported params or None); writes nothing into RUN_DIR. A
+    resumed run takes the tokenizer saved in RUN_DIR/tokenizer; one trained here
+    (`model.train_tokenizer_vocab`, the demo) is trained into `scratch` (a temporary
+    folder) until `save_student` keeps it."""
     m = cfg.model
     tok_dir = run_dir / "tokenizer"
     params = None
@@ -56,9 +55,9 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
     elif tokenizer is None and (tok_dir / "tokenizer_config.json").is_file():
         from tinyllm_jax.model.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(str(tok_dir))  # a resumed demo run keeps its tokenizer
+        tokenizer = load_tokenizer(str(tok_dir))  # a resumed run keeps the tokenizer it trained
     elif tokenizer is None and (cfg.demo or m.train_tokenizer_vocab):
-        tokenizer = _train_demo_tokenizer(cfg, tok_dir)
+        tokenizer = _train_demo_tokenizer(cfg, scratch if scratch is not None else tok_dir)
     elif tokenizer is None:
         raise ConfigError("model.tokenizer: required when model.init is not set (an HF tokenizer directory or hub id; "
                           "or model.train_tokenizer_vocab to train one on the training records)")
@@ -66,9 +65,6 @@ def build_student(cfg: Config, run_dir: Path, write: bool = True) -> tuple[T5Con
         arch = decoder_from_scratch(m, tokenizer)
     if len(tokenizer) > arch.vocab_size:
         raise ConfigError(f"model.vocab_size={arch.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    if write:
-        tokenizer.save_pretrained(str(tok_dir))
-        (run_dir / "model_config.json").write_text(arch_to_json(arch))
     return arch, tokenizer, params
 
 
@@ -91,13 +87,21 @@ def decoder_from_scratch(m: ModelConfig, tokenizer) -> Any:
         raise ConfigError(f"model (family {m.family}): {e}") from None
 
 
+def save_student(run_dir: Path, arch: Any, tokenizer) -> None:
+    """RUN_DIR/tokenizer and RUN_DIR/model_config.json, for evaluation and export."""
+    tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    (run_dir / "model_config.json").write_text(arch_to_json(arch))
+
+
 def _train_demo_tokenizer(cfg: Config, tok_dir: Path):
+    """A SentencePiece BPE tokenizer trained on every training record (all of data.train,
+    through data.fields), the stream prefixes and `model.tokenizer_texts`."""
     from tinyllm_jax.data.demo import DEMO_PHRASES
-    from tinyllm_jax.data.records import read_jsonl
+    from tinyllm_jax.data.sources import load_split
     from tinyllm_jax.data.streams import tokenizer_corpus
     from tinyllm_jax.model.tokenizer import train_sentencepiece
 
-    records, _ = read_jsonl(cfg.data.train[0])
+    records, _ = load_split(cfg.data, "train")
     extra = list(cfg.model.tokenizer_texts)
     if cfg.demo or any(r["id"].startswith("demo-") for r in records[:1]):
         extra += list(DEMO_PHRASES)  # what the demo teachers say in feedback and reviews

@@ -315,10 +315,10 @@ def _attach(record: dict[str, Any], string: Row, layout: Layout, rep: SplitRepor
     said = layout.stated(parsed.stated, record["choices"], counts) if parsed.stated or layout.counts else None
     if parsed.stated and said is None and "answer_unreadable" in counts:
         counts["answer_unreadable"] += 1
-    palm.agree_gold += said is not None and _agrees(said, record["answer"], layout)
     if parsed.dropped:
         palm.drop(parsed.dropped)
         return
+    palm.agree_gold += said is not None and _agrees(said, record["answer"], layout)  # of the rationales kept
     add_rationale(record, PALM, parsed.rationale, {"where": where}, said)
 
 

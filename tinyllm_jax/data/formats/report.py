@@ -19,14 +19,16 @@ def split_rank(split: str) -> tuple[int, str]:
 @dataclass
 class TeacherCount:
     """One teacher in one split. `found`/`missing` count written records with and without
-    a rationale from it; `kept` counts rationales kept (several a record are allowed)."""
+    a rationale from it; `kept` counts rationales kept (several a record are allowed);
+    `agree_gold` counts the kept rationales whose stated answer is the gold one (so it is
+    never above `kept`: a dropped rationale's answer is not counted)."""
 
     read: int = 0  # teacher rows read (strings, chains, samples)
     kept: int = 0
     found: int = 0
     missing: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rationales not kept
-    agree_gold: int | None = None  # the teacher's stated answer equals the gold answer
+    agree_gold: int | None = None  # kept rationales whose stated answer equals the gold answer
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1

@@ -111,7 +111,7 @@ def _attach(record: dict[str, Any], question: str, string: Row, rep: SplitReport
                 rep.teacher(teacher).drop("question differs")
         return
     said = _choice(ts.letter, record["choices"])
-    rep.teacher(FLAN).agree_gold += said == record["answer"]
+    rep.teacher(FLAN).agree_gold += bool(ts.flan) and said == record["answer"]  # of the rationales kept
     for teacher, text in texts.items():
         if text:
             add_rationale(record, teacher, text, {"where": where}, said if teacher == FLAN else None)
