@@ -224,3 +224,35 @@ def test_examples_longer_than_rows_train_in_long_batches(tmp_path, tok_dir):
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 31)) and all(np.isfinite(r["loss"]) for r in train)
+
+
+def test_continue_optimizer_starts_from_the_init_runs_adam_state_with_this_runs_schedule(tmp_path, tok_dir):
+    """train.continue_optimizer: Adam's moments and count go on from model.init's selected
+    checkpoint; the schedule's count starts at 0 (optim.schedule_offset places the rate)."""
+    import optax
+
+    from tinyllm_jax.config import CheckpointConfig
+    from tinyllm_jax.runtime.checkpoint import Checkpointer
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    finish(run_train(write_config(tmp_path / "a.yaml", first, tok_dir, train={"steps": 6})))
+    finish(run_train(write_config(tmp_path / "b.yaml", second, tok_dir, train={"steps": 3, "continue_optimizer": True},
+                                  model={"init": str(first)})))
+
+    def counts(run_dir, step):
+        ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig(), read_only=True)
+        state, _ = ckpt.restore(step)
+        ckpt.close()
+        import jax
+
+        return {jax.tree_util.keystr(path): int(leaf) for path, leaf in
+                jax.tree_util.tree_flatten_with_path(state["opt_state"])[0] if "count" in jax.tree_util.keystr(path)}
+
+    before, after = counts(first, 6), counts(second, 3)
+    assert sorted(before.values()) == [6, 6] and sorted(after.values()) == [3, 9], (before, after)
+
+    out = subprocess.run([sys.executable, "-m", "tinyllm_jax.cli", "train",
+                          str(write_config(tmp_path / "c.yaml", tmp_path / "third", tok_dir,
+                                           train={"steps": 3, "continue_optimizer": True}))],
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "train.continue_optimizer" in out.stderr + out.stdout, out.stderr[-2000:]

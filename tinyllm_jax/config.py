@@ -232,6 +232,10 @@ class TrainConfig:
     # resuming a run on other training records (their content digest differs from the one
     # the run started on) is refused unless this is true
     allow_data_change: bool = False
+    # with model.init one of our runs: start from that run's optimizer state (Adam's moments)
+    # at its selected checkpoint, not from zero moments; the learning-rate schedule is this
+    # run's own (optim.schedule_offset places it). FAIR's rounds set it with fair.continue_schedule.
+    continue_optimizer: bool = False
 
 
 @dataclass

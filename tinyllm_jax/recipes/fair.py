@@ -326,14 +326,19 @@ def train_stage(cfg: RecipeConfig, run_dir: Path, rd: str, student: str | None, 
         splits = {**common.read_manifest(stage_dir(run_dir, "data")), "train": out / "train.jsonl"}
         tcfg = common.train_config(cfg, run_path, splits, eval=_eval_config(cfg), optim=optim,
                                    data=dataclasses.replace(cfg.data, streams=streams),
-                                   model=dataclasses.replace(cfg.model, init=init))
+                                   model=dataclasses.replace(cfg.model, init=init), train=train_settings)
         train(tcfg, evaluate_test=False)
         return {"records": len(records), "feedback_records": counts[FEEDBACK], "rationale_records": counts[RATIONALE],
                 "replay_records": len(replayed)}
 
     optim = schedule_of(cfg, int(rd.removeprefix("round")))
+    # one schedule over the rounds goes with one optimizer: Adam's moments carry over from the
+    # student the round starts from (zero moments under a continued learning rate shook the
+    # demo's round 1 from 0.305 validation to 0.227)
+    train_settings = dataclasses.replace(cfg.train, continue_optimizer=cfg.train.continue_optimizer or bool(
+        cfg.fair.continue_schedule and student))
     settings = {"training": common.training_settings(common.train_config(cfg, run_path, {}, eval=_eval_config(cfg),
-                                                                         optim=optim)),
+                                                                         optim=optim, train=train_settings)),
                 "init": init, "fair": _training_fair_settings(cfg)}
     if published:
         return Stage(f"{rd}/train", run, settings, writes=[run_path / "summary.json"],

@@ -324,6 +324,8 @@ def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
         trainer.state, data_state = ckpt.restore(start, trainer.abstract_state())
         data.restore(data_state)
         log.info("resumed from step %d", start)
+    elif cfg.train.continue_optimizer:
+        trainer.state = {**trainer.state, "opt_state": _continued_optimizer(cfg, trainer)}
     metrics_log = MetricsLog(run_dir, resume_step=start if start else None)
     evaluator = _make_evaluator(cfg, prepared.evaluation, run_dir, metrics_log)
 
@@ -436,6 +438,39 @@ def _best_validation(run_dir: Path, best: int | None, metric: str) -> dict[str, 
         if row.get("step") == best and metric in row:
             value = row[metric]
     return {"best_step": best, f"best_{metric}": value}
+
+
+def _continued_optimizer(cfg: Config, trainer: "Trainer") -> Any:
+    """The optimizer state of the run model.init names, at its selected checkpoint, with the
+    schedule's step count at 0 (this run's own schedule, optim.schedule_offset, says where
+    the learning rate stands); Adam's moments and its bias-correction count go on."""
+    from tinyllm_jax.config import ConfigError, load_config
+    from tinyllm_jax.runs import is_run_dir, selected_step
+
+    init = cfg.model.init
+    if not init or not is_run_dir(init):
+        raise ConfigError(f"train.continue_optimizer: model.init={init!r} must be one of our runs (a folder with "
+                          "config.yaml and checkpoints/), whose optimizer state the run starts from")
+    step = selected_step(init)
+    other = Checkpointer(Path(init) / "checkpoints", load_config(Path(init) / "config.yaml").checkpoint,
+                         read_only=True)
+    try:
+        state, _ = other.restore(step, trainer.abstract_state())
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"train.continue_optimizer: the optimizer state of {init} (step {step}) does not fit this "
+                        f"run's optimizer (optim.name and the parameters must be the same): "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    finally:
+        other.close()
+
+    def zero_schedule(x):
+        if isinstance(x, optax.ScaleByScheduleState):
+            return x._replace(count=x.count * 0)  # keeps the count's sharding
+        return x
+
+    log.info("optimizer state continued from %s, step %d", init, step)
+    return jax.tree.map(zero_schedule, state["opt_state"],
+                        is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
 
 
 def _already_finished(summary: dict[str, Any], run_dir: Path, metric: str, primary: bool) -> dict[str, Any]:
