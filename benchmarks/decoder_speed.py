@@ -314,8 +314,10 @@ def table(res: dict[str, Any]) -> str:
              f"({res['data']['records']} records), {res['date']}"]
     r = res.get("training")
     if r:
+        by_round = r["other_processes_cores_by_round"]
         lines.append(f"\ntraining ({r['dtype']}, {r['records_per_step']} records a step; other processes "
-                     f"{r['other_processes_cores']} cores, load {r['load_average'][0]} -> {r['load_average'][1]})")
+                     f"{r['other_processes_cores']} cores (by round: ours {by_round['ours']}, reference "
+                     f"{by_round['reference']}), load {r['load_average'][0]} -> {r['load_average'][1]})")
         lines.append(f"  {'':10} {'real tok/s':>11} {'target tok/s':>12} {'step s':>8} {'real frac':>9} {'TFLOP/s':>8}")
         for label in ("ours", "reference"):
             x = r.get(label)

@@ -12,6 +12,7 @@ processes on a shared machine falls on both alike; figures are medians over step
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -220,19 +221,22 @@ def train_benchmark(model_dir: str, tokenizer, records: Sequence[dict[str, Any]]
             features = tokenize_records(records, ref_streams, tokenizer, max_input_length)
         ref = ReferenceTrainer(model_dir, tokenizer, ref_streams, micro_batch, records_per_step // micro_batch,
                                bf16=dtype == "bfloat16", device=reference_device, causal=causal)
-    ours_t, ours_c, ref_t, ref_c, pos = [], [], [], [], 0
+    ours_t, ours_c, ref_t, ref_c, pos, others = [], [], [], [], 0, {"ours": [], "reference": []}
     for r in range(rounds):  # alternate, so that outside load falls on both sides alike
-        t, c = time_our_steps(ours, warmup if r == 0 else 0, steps_per_round)
+        with _others_busy(others["ours"]):
+            t, c = time_our_steps(ours, warmup if r == 0 else 0, steps_per_round)
         ours_t += t
         ours_c += c
         if ref is not None:
-            t, c, pos = time_steps(ref, features, warmup if r == 0 else 0, steps_per_round, pos)
+            with _others_busy(others["reference"]):
+                t, c, pos = time_steps(ref, features, warmup if r == 0 else 0, steps_per_round, pos)
             ref_t += t
             ref_c += c
     flops = family_of(ours.arch).flops(ours.arch, rows, encoder_length, decoder_length)
     result = {
         "records_per_step": records_per_step, "dtype": dtype, "remat": remat,
         "max_input_length": max_input_length, "timed_steps": len(ours_t),
+        "other_processes_cores_by_round": others,
         "ours": {**summarise(ours_t, ours_c, flops, peak_total), "rows": rows,
                  **({"sequence_length": encoder_length} if causal else
                     {"encoder_length": encoder_length, "decoder_length": decoder_length}),
@@ -255,6 +259,18 @@ def train_benchmark(model_dir: str, tokenizer, records: Sequence[dict[str, Any]]
         del ref
         _free_torch_memory()
     return result
+
+
+@contextlib.contextmanager
+def _others_busy(out: list):
+    """Appends the cores that other processes kept busy while the block ran (/proc/stat; None
+    where it cannot be read): a shared machine's load, which slows torch's threads more than XLA's."""
+    from benchmarks.generation import _cpu_seconds
+
+    (busy0, own0), t0 = _cpu_seconds(), time.perf_counter()
+    yield
+    (busy1, own1), wall = _cpu_seconds(), time.perf_counter() - t0
+    out.append(None if busy0 is None else round(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall, 2))
 
 
 def _free_torch_memory() -> None:
