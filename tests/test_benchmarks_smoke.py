@@ -206,3 +206,76 @@ def test_distill_benchmark_memory_section_compiles_whole_and_chunked_steps(tmp_p
     assert set(r["ratios"]) == {"t5_512_4rows_student_step", "t5_512_4rows_kd_online_2x",
                                 "decoder_2048_8rows_student_step", "decoder_2048_8rows_kd_stored_top16"}
     assert all(0 < ratio <= 1.0 for ratio in r["ratios"].values())
+
+
+@pytest.fixture(scope="module")
+def decoder_quick(tmp_path_factory):
+    """benchmarks/decoder_speed.py --quick on the demo data: both sections at toy size."""
+    from benchmarks.decoder_speed import main
+
+    out = tmp_path_factory.mktemp("decoder")
+    assert main(["--quick", "--data", str(out / "no-data-here"), "--out", str(out)]) == 0
+    (path,) = out.glob("decoder-*-quick.json")
+    return path, json.loads(path.read_text())
+
+
+def test_decoder_benchmark_trains_one_qwen2_student_on_both_sides(decoder_quick):
+    from benchmarks.run import device_slug
+
+    path, r = decoder_quick
+    assert path.name == f"decoder-{device_slug()}-{datetime.date.today().isoformat()}-quick.json"
+    assert r["data"]["source"] == "demo" and r["model"]["class"] == "Qwen2ForCausalLM"
+    t = r["training"]
+    # the same checkpoint on both sides: our parameter count is transformers'
+    assert t["ours"]["params"] == t["reference"]["params"] == r["model"]["params"]
+    assert t["reference"]["forward_passes_per_step"] == 3 * t["reference"]["accum_steps"]  # a pass per stream
+    for side in ("ours", "reference"):
+        s = t[side]
+        assert s["real_tokens_per_s"] > 0 and 0 < s["real_token_fraction"] <= 1
+        assert 0 < s["target_tokens_per_step"] < s["real_tokens_per_step"]  # prompts are not trained on
+    assert t["ratio_real_tokens_per_s"] > 0 and t["ratio_target_tokens_per_s"] > 0
+    assert t["ours"]["sequence_length"] == r["settings"]["train"]["sequence_length"]
+
+
+def test_decoder_benchmark_generates_the_same_tokens_as_generate(decoder_quick):
+    _, r = decoder_quick
+    g = r["generation"]
+    n = g["summary"]["requests"]
+    assert n == r["settings"]["requests"] and [o["slots"] for o in g["ours"]] == r["settings"]["slots"]
+    assert 0 < g["generate"]["live_fraction"] <= 1
+    for o in g["ours"]:
+        # forced to each request's length in both: every row at full length, the tokens equal
+        # (one may differ where fp rounding flips a near-tied argmax of the random model)
+        assert o["rows_at_full_length"] == n and o["identical_to_generate"] >= n - 1
+        assert o["generated_tokens"] == g["generate"]["useful_tokens"] and 0 < o["live_fraction"] <= 1
+
+
+def test_causal_reference_trains_the_packer_s_token_sequences(tmp_path):
+    """The SFT-style baseline reads the examples our packer reads: prompt + target (EOS included),
+    the prompt's labels -100; its step counts the labelled tokens and pads per stream."""
+    from benchmarks.decoder_speed import QWEN2_TINY, make_student, train_tokenizer
+    from benchmarks.reference_torch import ReferenceTrainer, RefStream, causal_features
+    from tinyllm_jax.data.records import make_record
+    from tinyllm_jax.data.streams import Prompt, build_examples
+    from tinyllm_jax.config import StreamConfig
+
+    records = [make_record(f"r{i}", q, a, rationales={"t": [f"{q} so {a}"]})
+               for i, (q, a) in enumerate([("what is two plus three?", "five"), ("which is heavier?", "a rock")])]
+    streams = [StreamConfig("answer", "predict: ", 1.0), StreamConfig("t", "explain: ", 0.5, teacher="t")]
+    tok = train_tokenizer([r["question"] + " " + r["answer"] for r in records] * 5, tmp_path / "tok", 300)
+    ex = build_examples(records, streams, tok, 64, 32, prompt=Prompt(causal=True))
+    feats = causal_features(ex, [RefStream(s.name, s.prefix, s.weight, s.teacher) for s in streams])
+    assert len(feats) == 2
+    for i in range(len(ex)):
+        f = feats[int(ex.record_index[i])][streams[int(ex.stream_ids[i])].name]
+        prompt, target = ex.enc(i).tolist(), ex.dec(i).tolist()
+        assert f["input_ids"] == prompt + target and target[-1] == tok.eos_token_id
+        assert f["labels"] == [-100] * len(prompt) + target
+    model_dir, _ = make_student(tmp_path / "m", QWEN2_TINY, 384, tok.eos_token_id)
+    trainer = ReferenceTrainer(str(model_dir), tok, [RefStream(s.name, s.prefix, s.weight, s.teacher) for s in streams],
+                               micro_batch=2, accum_steps=1, causal=True)
+    out = trainer.step(feats)
+    assert out["target_tokens"] == int(ex.dec_lengths.sum())
+    assert out["real_tokens"] == int(ex.enc_lengths.sum() + ex.dec_lengths.sum())
+    longest = [max(len(f[s.name]["input_ids"]) for f in feats) for s in streams]
+    assert out["shapes"] == [((2, n),) for n in longest]

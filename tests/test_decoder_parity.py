@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from decoder_fixtures import FIRST_PLAIN_TOKEN, PAD, VARIANTS, bpe_tokenizer, decoder_dir, load_hf  # noqa: F401
-from tinyllm_jax.model.decoder import Decoder, segment_positions
+from tinyllm_jax.model.decoder import Decoder, causal_chunk, segment_positions
 from tinyllm_jax.model.decoder_hf import load_pretrained, params_to_hf
 
 TOL = 1e-4  # fp32 logits and gradients
@@ -58,11 +58,13 @@ def test_padded_batch_matches_transformers(variant):
 
 def test_packed_row_matches_each_example_alone(variant):
     """Three examples packed in a row (segment ids 1, 2, 3, then padding) each give the logits
-    transformers gives for that example alone; positions derived or given agree."""
+    transformers gives for that example alone; positions derived or given agree. The row spans
+    four query blocks of the causal attention (32 queries each), examples crossing their edges."""
     name, hf, params, cfg = variant
     rng = np.random.default_rng(1)
-    examples = [_tokens(rng, n) for n in (9, 6, 4)]
-    L = 24
+    examples = [_tokens(rng, n) for n in (41, 30, 17)]
+    L = 100
+    assert causal_chunk(L) == 32
     ids = np.full((1, L), PAD, np.int32)
     seg = np.zeros((1, L), np.int32)
     pos = np.zeros((1, L), np.int32)
@@ -84,10 +86,10 @@ def test_packed_row_matches_each_example_alone(variant):
 
 
 def _packed_batch(rng):
-    """Two rows: [a a a a a a b b b b b pad..] and [c x 8, pad..], with a loss weight on every
-    token that has a next token in its own example."""
-    rows = [[_tokens(rng, 6), _tokens(rng, 5)], [_tokens(rng, 8)]]
-    L = 14
+    """Two rows: [a x 40, b x 29, pad..] and [c x 50, pad..] (three query blocks of the causal
+    attention), with a loss weight on every token that has a next token in its own example."""
+    rows = [[_tokens(rng, 40), _tokens(rng, 29)], [_tokens(rng, 50)]]
+    L = 80
     ids, seg = np.full((2, L), PAD, np.int32), np.zeros((2, L), np.int32)
     for r, exs in enumerate(rows):
         start = 0

@@ -178,16 +178,49 @@ def segment_positions(segment_ids_BxL: Array) -> Array:
 def grouped_attention(q_BxHxQxK: Array, k_BxGxSxK: Array, v_BxGxSxK: Array, mask_BxQxS: Array,
                       dropout=None) -> Array:
     """softmax(q.k) v with H query heads over G key/value heads (head h reads kv head h // (H/G),
-    as transformers' repeat_kv does), without repeating the keys. `q` comes scaled; softmax in fp32."""
+    as transformers' repeat_kv does), without repeating the keys. `q` comes scaled; softmax in
+    fp32. `mask` is boolean, or an additive fp32 bias (0 or NEG_INF, see `attention_bias`)."""
     B, H, Q, K = q_BxHxQxK.shape
     G = k_BxGxSxK.shape[1]
     q = q_BxHxQxK.reshape(B, G, H // G, Q, K)
     scores = jnp.einsum("bgrqk,bgsk->bgrqs", q, k_BxGxSxK, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_BxQxS[:, None, None], scores, NEG_INF)
+    if mask_BxQxS.dtype == jnp.bool_:
+        scores = jnp.where(mask_BxQxS[:, None, None], scores, NEG_INF)
+    else:  # an add: its gradient needs no mask, where a select's reads it again
+        scores = scores + mask_BxQxS[:, None, None]
     weights = jax.nn.softmax(scores, axis=-1).astype(v_BxGxSxK.dtype)
     if dropout is not None:
         weights = dropout(weights)
     return jnp.einsum("bgrqs,bgsk->bgrqk", weights, v_BxGxSxK).reshape(B, H, Q, K)
+
+
+def attention_bias(segment_ids_BxL: Optional[Array], L: int) -> Array:
+    """[B, L, L] (or [1, L, L] without segment ids) fp32 additive attention bias, 0 where a query
+    may read a key (causal; the same segment, not padding) and NEG_INF elsewhere; made once a
+    forward pass and shared by the layers."""
+    allowed = jnp.tril(jnp.ones((L, L), bool))[None]
+    if segment_ids_BxL is not None:
+        seg = segment_ids_BxL
+        allowed = allowed & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
+
+
+def causal_chunk(L: int) -> int:
+    """Queries a block of `causal_attention`: eight blocks a row, at least 32 queries each."""
+    return max(32, -(-L // 8))
+
+
+def causal_attention(q_BxHxLxK: Array, k_BxGxLxK: Array, v_BxGxLxK: Array, bias_BxLxL: Array,
+                     dropout=None) -> Array:
+    """`grouped_attention` of every position of causal rows, in blocks of queries: a block reads
+    only the keys up to its last query, since the causal bias gives every later key a weight of
+    exactly 0 (exp(NEG_INF) underflows in fp32). Eight blocks compute 9/16 of the L x L scores;
+    on XLA CPU those [B, H, L, L] tensors, not the matmuls, set the attention's time."""
+    L = q_BxHxLxK.shape[2]
+    chunk = causal_chunk(L)
+    out = [grouped_attention(q_BxHxLxK[:, :, s:s + chunk], k_BxGxLxK[:, :, :s + chunk], v_BxGxLxK[:, :, :s + chunk],
+                             bias_BxLxL[:, s:s + chunk, :s + chunk], dropout) for s in range(0, L, chunk)]
+    return out[0] if len(out) == 1 else jnp.concatenate(out, axis=2)
 
 
 class Attention(nn.Module):
@@ -212,23 +245,25 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.rms_norm_eps, c.dtype, axis="kv")
         self.dropout = Dropout(c.dropout_rate)
 
-    def _heads(self, x_BxLxD: Array, w_DxNxK: Array, b_NxK: Optional[Array]) -> Array:
-        """x @ w (+ b) as one 2-D matmul (XLA CPU transposes less than with 3-D dots) -> [B, N, L, K]."""
-        B, L, D = x_BxLxD.shape
-        _, N, K = w_DxNxK.shape
-        dt = self.cfg.compute_dtype
-        y = dense(x_BxLxD.reshape(B * L, D), w_DxNxK.reshape(D, N * K).astype(dt))
-        if b_NxK is not None:
-            y = y + b_NxK.reshape(N * K).astype(dt)
-        return y.reshape(B, L, N, K).transpose(0, 2, 1, 3)
-
     def qkv(self, x_BxLxD: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
-        """Scaled, rotated queries [B, H, L, K]; rotated keys and values [B, G, L, K]."""
+        """Scaled, rotated queries [B, H, L, K]; rotated keys and values [B, G, L, K].
+
+        The three projections run as ONE 2-D matmul over their concatenated weights: the key and
+        value ones are narrow (G heads), and on XLA CPU one [D, (H + 2G) K] product, with one
+        transposed copy of x for its weight gradient, beats three."""
         c = self.cfg
-        bias = (lambda name: getattr(self, name)) if c.attention_bias else (lambda name: None)
-        q = self._heads(x_BxLxD, self.q, bias("q_bias"))
-        k = self._heads(x_BxLxD, self.k, bias("k_bias"))
-        v = self._heads(x_BxLxD, self.v, bias("v_bias"))
+        B, L, D = x_BxLxD.shape
+        H, G, K = c.num_attention_heads, c.num_key_value_heads, c.head_size
+        dt = c.compute_dtype
+        w = jnp.concatenate([self.q.reshape(D, H * K), self.k.reshape(D, G * K), self.v.reshape(D, G * K)], axis=1)
+        y = dense(x_BxLxD.reshape(B * L, D), w.astype(dt))
+        if c.attention_bias:
+            y = y + jnp.concatenate([self.q_bias.reshape(-1), self.k_bias.reshape(-1), self.v_bias.reshape(-1)]).astype(dt)
+
+        def heads(start, n):  # -> [B, n, L, K]: heads before length, as attention and the caches read them
+            return y[:, start * K:(start + n) * K].reshape(B, L, n, K).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(0, H), heads(H, G), heads(H + G, G)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, cos, sin)
@@ -244,14 +279,17 @@ class Attention(nn.Module):
             y = y + self.o_bias.astype(dt)
         return y.reshape(B, L, D)
 
-    def __call__(self, x_BxLxD: Array, cos: Array, sin: Array, mask_BxQxS: Array) -> tuple[Array, tuple]:
+    def __call__(self, x_BxLxD: Array, cos: Array, sin: Array, bias_BxLxL: Array) -> tuple[Array, tuple]:
+        """Causal self-attention over whole rows (`bias` from `attention_bias`)."""
         q, k, v = self.qkv(x_BxLxD, cos, sin)
         drop = lambda w: self.dropout(w, deterministic=self.deterministic)
-        return self.output(grouped_attention(q, k, v, mask_BxQxS, drop)), (k, v)
+        return self.output(causal_attention(q, k, v, bias_BxLxL, drop)), (k, v)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), with optional biases (Llama's mlp_bias)."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with optional biases (Llama's mlp_bias). Gate and up
+    run as one matmul over their concatenated weights (one product and one transposed copy of x
+    for the weight gradients, where two would each make their own)."""
 
     cfg: DecoderConfig
 
@@ -262,15 +300,20 @@ class MLP(nn.Module):
         D, F = c.hidden_size, c.intermediate_size
         B, L, _ = x_BxLxD.shape
         x_NxD = x_BxLxD.reshape(B * L, D)  # 2-D matmuls: far fewer transposing copies on CPU
+        def linear(name, n_in, n_out, axes):  # (weight, bias or None), made in the checkpoints' order
+            w = param(self, name, n_in**-0.5, (n_in, n_out), axes).astype(dt)
+            return w, zeros_param(self, f"{name}_bias", (n_out,), axes[1:]).astype(dt) if c.mlp_bias else None
 
-        def linear(name, x, n_in, n_out, axes):
-            y = dense(x, param(self, name, n_in**-0.5, (n_in, n_out), axes).astype(dt))
-            if c.mlp_bias:
-                y = y + zeros_param(self, f"{name}_bias", (n_out,), axes[1:]).astype(dt)
-            return y
-
-        h_NxF = jax.nn.silu(linear("gate", x_NxD, D, F, ("embed", "mlp"))) * linear("up", x_NxD, D, F, ("embed", "mlp"))
-        return linear("down", h_NxF, F, D, ("mlp", "embed")).reshape(B, L, D)
+        (gate_w, gate_b), (up_w, up_b) = linear("gate", D, F, ("embed", "mlp")), linear("up", D, F, ("embed", "mlp"))
+        gate_up = dense(x_NxD, jnp.concatenate([gate_w, up_w], axis=1))
+        if c.mlp_bias:
+            gate_up = gate_up + jnp.concatenate([gate_b, up_b])
+        h_NxF = jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:]
+        down_w, down_b = linear("down", F, D, ("mlp", "embed"))
+        y = dense(h_NxF, down_w)
+        if c.mlp_bias:
+            y = y + down_b
+        return y.reshape(B, L, D)
 
 
 class Block(nn.Module):
@@ -285,9 +328,9 @@ class Block(nn.Module):
         self.mlp = MLP(c)
         self.drop = Dropout(c.dropout_rate)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> tuple[Array, tuple]:
+    def __call__(self, x: Array, cos: Array, sin: Array, bias: Array) -> tuple[Array, tuple]:
         """(x after the block, this layer's (k, v))."""
-        attn, kv = self.attention(self.input_norm(x), cos, sin, mask)
+        attn, kv = self.attention(self.input_norm(x), cos, sin, bias)
         x = x + self.drop(attn, deterministic=self.deterministic)
         return x + self.drop(self.mlp(self.post_attention_norm(x)), deterministic=self.deterministic), kv
 
@@ -330,22 +373,15 @@ class Decoder(nn.Module):
     def _layers(self, tokens_BxL: Array, segment_ids_BxL: Optional[Array], positions_BxL: Optional[Array]):
         """Runs every block; returns (residual stream [B, L, D], per layer (k, v))."""
         L = tokens_BxL.shape[1]
-        causal_1xLxL = jnp.tril(jnp.ones((L, L), bool))[None]
-        if segment_ids_BxL is None:
-            mask = causal_1xLxL
-            if positions_BxL is None:
-                positions_BxL = jnp.arange(L, dtype=jnp.int32)[None]
-        else:
-            seg = segment_ids_BxL
-            mask = causal_1xLxL & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-            if positions_BxL is None:
-                positions_BxL = segment_positions(seg)
+        if positions_BxL is None:
+            positions_BxL = (jnp.arange(L, dtype=jnp.int32)[None] if segment_ids_BxL is None
+                             else segment_positions(segment_ids_BxL))
         cos, sin = rotary_tables(self.cfg, positions_BxL)
-        mask = jnp.broadcast_to(mask, (tokens_BxL.shape[0], L, L))
+        bias = attention_bias(segment_ids_BxL, L)
         x = self._embed(tokens_BxL)
         kvs = []
         for layer in self.layers:
-            x, kv = layer(x, cos, sin, mask)
+            x, kv = layer(x, cos, sin, bias)
             kvs.append(kv)
         return x, kvs
 
