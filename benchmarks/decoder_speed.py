@@ -237,7 +237,9 @@ def generation_section(model_dir: Path, tokenizer, records, s: dict[str, Any], l
 
 
 def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path | None = RESULTS,
-              sections: Sequence[str] = SECTIONS, sequence_length: int | None = None, log=print) -> dict[str, Any]:
+              sections: Sequence[str] = SECTIONS, sequence_length: int | None = None, log=print,
+              requests: int | None = None, slots: Sequence[int] | None = None,
+              repeats: int | None = None) -> dict[str, Any]:
     """Runs the sections asked for (see the module docstring); returns the results and, with
     `out_dir`, writes them as JSON (its path under "path")."""
     import jax
@@ -249,6 +251,7 @@ def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path 
 
     s = {**(QUICK if quick else FULL)}
     s["train"] = {**s["train"], **({"sequence_length": sequence_length} if sequence_length else {})}
+    s.update({k: v for k, v in (("requests", requests), ("slots", tuple(slots or ())), ("repeats", repeats)) if v})
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)  # the cores XLA's CPU client uses
     started = time.time()
@@ -351,13 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequence-length", type=int, help="our packed row length (default 256; quick 128)")
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="folder holding tinyllm.tar.xz (else: demo data)")
     ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON results")
+    ap.add_argument("--requests", type=int, help="generation requests (default 1024; a shorter run on a busy machine)")
+    ap.add_argument("--slots", type=int, nargs="+", help="the engine's slot counts (default 32 64 128 256)")
+    ap.add_argument("--repeats", type=int, help="timed repeats of each generation side (default 2)")
     args = ap.parse_args(argv)
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     res = benchmark(args.quick, Path(args.data), Path(args.out), tuple(args.only), args.sequence_length,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+                    log=lambda m: print(m, file=sys.stderr, flush=True), requests=args.requests, slots=args.slots,
+                    repeats=args.repeats)
     print(table(res))
     print(f"\nwrote {res['path']} ({res['seconds']} s)")
     return 0

@@ -240,14 +240,7 @@ def value_at(cfg, parts: list[str]):
 
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-# the lead rewrites demo_fair's "Expect" paragraph with newly measured figures (issue 23, item 5)
-REWRITE_PENDING = {"recipes/demo_fair.yaml": "its header explains itself with fair.carry_over: round; it sets accumulate"}
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=REWRITE_PENDING[str(p.relative_to(REPO / "configs"))]))
-    if str(p.relative_to(REPO / "configs")) in REWRITE_PENDING else p for p in CONFIGS],
-    ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO / "configs")) for p in CONFIGS])
 def test_every_key_a_config_header_names_exists_and_its_overrides_load(path):
     from tinyllm_jax.config import Config, load_config
     from tinyllm_jax.recipes.config import RecipeConfig, load_recipe

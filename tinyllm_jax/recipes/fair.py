@@ -418,7 +418,7 @@ def format_report(rep: dict[str, Any]) -> str:
     rows = [head]
     for r in rep["rounds"]:
         if r["round"] == 0:  # the starting student: nothing mined or asked
-            rows.append((f"0 ({r['student']})", "-", "-", "-", "-", "-", _pct(r["validation_accuracy"]),
+            rows.append((f"0 ({r['student']})", *["-"] * (len(head) - 3), _pct(r["validation_accuracy"]),
                          _pct(r["test_accuracy"])))
             continue
         acc = f"{r['accepted']}/{r['reviewed']}" if r["reviewed"] is not None else "no review"
