@@ -251,7 +251,7 @@ class _Family:
             caches = [PagedCache(k, v, **tables, bias=None, ctx_k=ck, ctx_v=cv, ctx_mask=st.enc_mask)
                       for (k, v), (ck, cv) in zip(st.pages_kv, st.cross_kv)]
             return self.model.apply(variables, st.token, st.offset + st.pos, caches, method=Decoder.decode_step)
-        S, T = st.pos.shape[0], st.out.shape[1]
+        T = st.out.shape[1]
         key_pos = tables.pop("key_pos")
         query_pos = st.pos[tables["owner"]][:, None]
         bias = jnp.transpose(bias_HxT[:, jnp.clip(query_pos - key_pos, 0, T - 1)], (1, 0, 2))

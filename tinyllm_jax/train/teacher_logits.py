@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tinyllm_jax.config import Config, ConfigError, KDTeacherConfig
