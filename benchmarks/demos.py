@@ -43,8 +43,10 @@ def run_one(clone: Path, config: str, seed: int, run_dir: Path) -> dict[str, Any
     if done.returncode:
         raise RuntimeError(f"{config} seed {seed} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    test = summary.get("test_accuracy", (summary.get("test") or {}).get("test_accuracy"))  # a recipe's, a train run's
     out = {"config": config, "seed": seed, "wall_s": round(wall, 1),
-           "validation_accuracy": summary.get("validation_accuracy"), "test_accuracy": summary.get("test_accuracy")}
+           "validation_accuracy": summary.get("validation_accuracy", summary.get("best_eval_accuracy")),
+           "test_accuracy": test}
     rounds = run_dir / "rounds.json"
     if rounds.is_file():  # FAIR: every round, 0 the warm-up
         out["rounds"] = [{k: r.get(k) for k in ("round", "mistakes", "validation_accuracy", "test_accuracy")}
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or RESULTS / f"demos-{device_slug()}-{date}.json")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     runs = []
+    if out.is_file():  # a rerun of some configs keeps the others' runs of the same commit
+        before = json.loads(out.read_text())
+        if before.get("commit") == commit:
+            runs = [r for r in before["runs"] if r["config"] not in a.configs]
     with tempfile.TemporaryDirectory(prefix="tinyllm-demos-") as tmp:
         clone = Path(tmp) / "clone"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
