@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="*", type=int, help="a subset of the design's seeds (a pilot)")
     p.add_argument("--work", default=str(ROOT / "runs" / "benchmarks" / "methods"), help="scratch directory")
     p.add_argument("--out", default=None, help="result JSON path (default benchmarks/results/methods-...)")
+    p.add_argument("--skip-sweep", action="store_true",
+                   help="the arms only, not the data-efficiency sweep (the JSON says the sweep was skipped)")
     a = p.parse_args(argv)
     plan = TINY if a.tiny else QUICK if a.quick else PLAN
     if a.seeds:
@@ -496,6 +498,7 @@ def _main(a: argparse.Namespace, plan: dict[str, Any], arms: list[str], work: Pa
                "plan": plan, "arms": arms, "data": facts, "complete": complete, "wall_s": round(time.time() - t0, 1),
                "wall_s_runs": round(sum(r["wall_s"] for r in runs), 1),  # a resumed benchmark's total
                "mentor": list(mentors.values())[0] if mentors else None, "sweep_arm": sweep_arm,
+               "sweep_skipped": bool(a.skip_sweep and plan["fractions"]),
                "rows": rows, "runs": runs}
         out.write_text(json.dumps(doc, indent=1) + "\n")
         chart(rows, runs, out.with_suffix(".png"), f"{plan['task']} ({date}, {device_name()})", facts["chance_floor"])
@@ -511,7 +514,7 @@ def _main(a: argparse.Namespace, plan: dict[str, Any], arms: list[str], work: Pa
     best = max(candidates, key=lambda r: r["validation_accuracy"]["mean"], default=None)  # chosen on validation
     sweep_arm = best["arm"] if best else None
     sweep = []
-    for fraction in plan["fractions"]:
+    for fraction in ([] if a.skip_sweep else plan["fractions"]):
         part = subset(paths, fraction, work)
         for arm in ["answer-only"] + ([sweep_arm] if sweep_arm else []):
             for seed in plan["seeds"]:
