@@ -408,14 +408,16 @@ def chart(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, ti
                 x = i - 0.4 + width * (j + 0.5)
                 bars.bar(x, r[key]["mean"], width * 0.95, yerr=r[key]["std"], color=color, capsize=3)
                 bars.scatter([x] * len(r[key]["each"]), r[key]["each"], s=8, color="black", zorder=3)
-    bars.axhline(floor, color="grey", linestyle=":", label=f"chance floor {floor:.3f}")
-    bars.bar([], [], color="C0", label="answer stream")
-    bars.bar([], [], color="C1", label="answer read from its chain")
-    bars.bar([], [], color="C2", label="TinyLLM through a rationale stream")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    bars.axhline(floor, color="grey", linestyle=":")
+    bars.legend(handles=[Line2D([], [], color="grey", linestyle=":", label=f"chance floor {floor:.3f}"),
+                         Patch(color="C0", label="answer stream"), Patch(color="C1", label="answer read from its chain"),
+                         Patch(color="C2", label="TinyLLM through a rationale stream")], fontsize="small")
     bars.set_xticks(range(len(main)), [r["arm"] for r in main], rotation=25, ha="right")
     bars.set_ylabel("test accuracy (validation-selected step)")
     bars.set_ylim(0, 1)
-    bars.legend(fontsize="small")
     bars.grid(True, axis="y", alpha=0.3)
     colors = {arm: f"C{k}" for k, arm in enumerate(ARMS)}
     for run in runs:

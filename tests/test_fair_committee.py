@@ -145,7 +145,8 @@ def test_committee_one_review_per_pair_every_reply_counted_and_dry_run_exact(tmp
     reports = sorted(p.parent.name for p in (review_dir / "replies").glob("*/report.json"))
     assert len(reports) == 3 and all(json.loads((review_dir / "replies" / r / "report.json").read_text())["complete"]
                                      for r in reports)
-    (rd,) = json.loads((run_dir / "rounds.json").read_text())["rounds"]
+    start, rd = json.loads((run_dir / "rounds.json").read_text())["rounds"]  # round 0: the warm-up student
+    assert start["round"] == 0 and rd["round"] == 1
     assert rd["requests"] == rd["sent"] == 19 * m  # every request, over both runs
     assert rd["cached"] == 4  # answered by the failed run, read from the cache by the one that finished
     assert rd["empty_reviews"] == 3 * m
