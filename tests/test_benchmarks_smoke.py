@@ -279,3 +279,14 @@ def test_causal_reference_trains_the_packer_s_token_sequences(tmp_path):
     assert out["real_tokens"] == int(ex.enc_lengths.sum() + ex.dec_lengths.sum())
     longest = [max(len(f[s.name]["input_ids"]) for f in feats) for s in streams]
     assert out["shapes"] == [((2, n),) for n in longest]
+
+
+def test_demos_benchmark_table_gives_ranges_over_seeds():
+    """benchmarks/demos.py: a config's figures as min-max over its seeds, one value when equal."""
+    from benchmarks.demos import span, table
+
+    runs = [{"config": "configs/demo.yaml", "seed": s, "wall_s": w, "validation_accuracy": v, "test_accuracy": t}
+            for s, w, v, t in [(0, 83.7, 0.4765625, 0.3984375), (1, 81.9, 0.484375, None), (2, 82.1, 0.4921875, 0.48)]]
+    assert span([0.5, 0.5]) == "0.500" and span([None]) == "-" and span([81.9, 83.7], 0) == "82-84"
+    row = table(runs).splitlines()[1].split()
+    assert row == ["configs/demo.yaml", "3", "82-84", "0.477-0.492", "0.398-0.480"]
