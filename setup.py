@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="tinyllm-jax",
     version="0.1.0",
-    description="JAX/TPU-native multi-teacher reasoning distillation into T5 students",
+    description="JAX/TPU-native multi-teacher reasoning distillation into T5 and decoder-only students",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
