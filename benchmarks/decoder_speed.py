@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.generation import BUSY, _cpu_seconds, _load, _timed, length_order  # noqa: E402
-from benchmarks.run import DEFAULT_DATA, RESULTS, TEACHERS, device_slug, load_records  # noqa: E402
+from benchmarks.generation import BUSY, _load, _timed, length_order  # noqa: E402
+from benchmarks.run import DEFAULT_DATA, RESULTS, TEACHERS, load_records, write_result  # noqa: E402
 
 SECTIONS = ("training", "generation")
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # Qwen's; the first is EOS and pad
@@ -246,7 +246,7 @@ def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path 
     import torch
     import transformers
 
-    from benchmarks.train_speed import train_benchmark
+    from benchmarks.train_speed import _others_busy, train_benchmark
     from tinyllm_jax.data.streams import tinyllm_streams, tokenizer_corpus
 
     s = {**(QUICK if quick else FULL)}
@@ -288,24 +288,18 @@ def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path 
         res["streams"] = [dataclasses.asdict(x) for x in streams]
         if "training" in sections:
             log("[decoder] training: ours against the PyTorch SFT-style reference")
-            busy0, own0, t0 = *_cpu_seconds(), time.perf_counter()
-            load0 = _load()
-            r = train_benchmark(str(model_dir), tok, train, streams, dtype="float32", **s["train"])
-            (busy1, own1), wall = _cpu_seconds(), time.perf_counter() - t0
+            load0, others = _load(), []
+            with _others_busy(others):
+                r = train_benchmark(str(model_dir), tok, train, streams, dtype="float32", **s["train"])
             r["load_average"] = [load0, _load()]
-            r["other_processes_cores"] = (None if busy0 is None else
-                                          round(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall, 2))
+            r["other_processes_cores"] = others[0]
             res["training"] = r
         if "generation" in sections:
             res["generation"] = generation_section(model_dir, tok, train, s, log)
     res["device"]["load_average_at_end"] = _load()
     res["seconds"] = round(time.time() - started, 1)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        p = out / f"decoder-{device_slug()}-{res['date']}{'-quick' if quick else ''}.json"
-        p.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-        res["path"] = str(p)
+        write_result(res, out_dir, "decoder", quick)
     return res
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -46,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import ARCHS, DEFAULT_DATA, RESULTS, TEACHERS, device_slug, load_records, make_student, \
+from benchmarks.run import ARCHS, DEFAULT_DATA, RESULTS, TEACHERS, load_records, write_result, make_student, \
     train_tokenizer  # noqa: E402
 
 FULL = dict(arch="t5-cpu-small", tokenizer_vocab=8000, requests=1024, max_length=256, batch=64,
@@ -360,11 +359,7 @@ def benchmark(quick: bool = False, data_dir: Path = DEFAULT_DATA, out_dir: Path 
     res["device"]["load_average_at_end"] = _load()
     res["seconds"] = round(time.time() - started, 1)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        p = out / f"generation-{device_slug()}-{res['date']}{'-quick' if quick else ''}.json"
-        p.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-        res["path"] = str(p)
+        write_result(res, out_dir, "generation", quick)
     return res
 
 

@@ -212,6 +212,17 @@ def device_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
 
 
+def write_result(res: dict[str, Any], out_dir: Path | str, name: str, quick: bool = False) -> Path:
+    """Writes a benchmark's result as <out_dir>/<name>-<device>-<date>[-quick].json and notes
+    its path in res["path"]."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{device_slug()}-{res['date']}{'-quick' if quick else ''}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    res["path"] = str(path)
+    return path
+
+
 def reference_device() -> tuple[str | None, str]:
     """Where the PyTorch baselines run: the CPU when JAX runs on the CPU, CUDA when JAX runs
     on a GPU (and torch sees one), nowhere otherwise (TPU VMs, no torch)."""
