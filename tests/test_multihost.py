@@ -225,8 +225,9 @@ def test_preempted_then_sigkilled_two_process_run_ends_bitwise_equal(reference, 
     second.kill(signal.SIGKILL)
     for p in second.procs:
         p.wait()
+    finished_before_the_kill = (run_dir / "summary.json").is_file()  # steps 6-10 can end within the 1 s
     third = Run(cfg, 2).finish()
-    assert "resumed from step" in third.output()
+    assert ("already finished" if finished_before_the_kill else "resumed from step") in third.output()
     assert_params(final_params(run_dir, STEPS), final_params(reference[2], STEPS))
     assert train_losses(run_dir) == train_losses(reference[2])
 

@@ -207,3 +207,40 @@ def test_paths_with_spaces_work_in_every_subcommand(tmp_path, tok_dir, capsys): 
     assert main(["export", str(run), str(tmp_path / "hf model")]) == 0
     assert main(["plot", str(run), "--out", str(tmp_path / "my plots" / "a plot.png")]) == 0
     assert (tmp_path / "my plots" / "a plot.png").is_file()
+
+
+def test_the_other_failed_writes_of_a_save_are_not_logged_but_other_errors_are(tmp_path, caplog):
+    """A save writes in parallel; asyncio's gather raises the first failed write and logs the
+    others ("Task exception was never retrieved", a traceback each) when they are collected,
+    which is what the one-line report of a full disk must not be buried under (seen in CI).
+    A failed write of the file system is dropped; any other unretrieved error stays."""
+    import asyncio
+    import gc
+    import logging
+
+    from tinyllm_jax.config import CheckpointConfig
+    from tinyllm_jax.runtime.checkpoint import Checkpointer
+
+    Checkpointer(tmp_path / "ckpt", CheckpointConfig()).close()  # installs the filter
+    full = "OUT_OF_RANGE: Error writing ... Failed to write 252644 bytes to file 17: File too large [os_error_code='27']"
+
+    def gather_failures(second: BaseException) -> None:
+        async def fail(e):
+            raise e
+
+        async def save():  # the second write fails too, and nobody asks it why
+            other = asyncio.ensure_future(fail(second))
+            await asyncio.sleep(0)
+            await fail(ValueError(full))
+            del other
+
+        with pytest.raises(ValueError):
+            asyncio.run(save())
+        gc.collect()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gather_failures(ValueError(full))
+        gather_failures(OSError(28, "No space left on device"))
+        assert not [r for r in caplog.records if r.name == "asyncio"]
+        gather_failures(KeyError("a bug"))
+    assert [r for r in caplog.records if r.name == "asyncio" and "never retrieved" in r.getMessage()]

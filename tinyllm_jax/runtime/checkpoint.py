@@ -74,6 +74,17 @@ class _QuietOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+class _QuietUnretrievedWriteErrors(logging.Filter):
+    """When one of a save's parallel writes fails, asyncio's gather raises that one; the
+    others' failures (the same full disk) are never retrieved, and asyncio logs each with its
+    traceback when the task is collected. The save's failure is reported in one line, so a
+    failed write of the file system is dropped here; any other error is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in str(record.msg) and exc is not None and _io_reason(exc) is not None)
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False):
         self.cfg = cfg
@@ -102,6 +113,8 @@ class Checkpointer:
             _ignore_closed_loop_callbacks()
             if not any(isinstance(f, _QuietOrbaxErrors) for f in logging.getLogger("absl").filters):
                 logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
+            if not any(isinstance(f, _QuietUnretrievedWriteErrors) for f in logging.getLogger("asyncio").filters):
+                logging.getLogger("asyncio").addFilter(_QuietUnretrievedWriteErrors())
 
     def _guarded(self, step: int | None, write: Callable[[], Any]) -> Any:
         """Runs `write`; a failure of the file system becomes one CheckpointError."""
