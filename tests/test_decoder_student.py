@@ -6,9 +6,6 @@ after SIGKILL, 8 simulated devices equal 1, export that transformers loads), and
 from __future__ import annotations
 
 import json
-import random
-import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -157,16 +154,8 @@ def test_decoder_run_resumes_bitwise_after_sigkill(tmp_path, tok_dir, train_help
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     h.finish(h.run_train(_decoder_config(h, tmp_path / "ref.yaml", ref, tok_dir)))
     cfg = _decoder_config(h, tmp_path / "kill.yaml", killed, tok_dir)
-    proc = h.run_train(cfg)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "3").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished_before_the_kill = (killed / "summary.json").is_file()  # a 12-step run can end within 1 s
-    assert ("already finished" if finished_before_the_kill else "resumed from step") in h.finish(h.run_train(cfg))
+    said = h.sigkill_after_first_checkpoint(h.run_train(cfg), killed, max_delay=1.0)
+    assert said in h.finish(h.run_train(cfg))
     for x, y in zip(jax.tree.leaves(h.final_params(ref, 12)), jax.tree.leaves(h.final_params(killed, 12))):
         np.testing.assert_array_equal(x, y)
     saved = json.loads((ref / "model_config.json").read_text())

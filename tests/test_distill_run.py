@@ -7,15 +7,13 @@ of our run directories, or from stored soft labels."""
 from __future__ import annotations
 
 import json
-import random
-import signal
-import time
 
 import jax
 import numpy as np
 
 from conftest import make_hf_t5
-from test_train_run import final_params, finish, run_train, tok_dir, write_config  # noqa: F401 (tok_dir: fixture)
+from test_train_run import (final_params, finish, run_train, sigkill_after_first_checkpoint,  # noqa: F401 (tok_dir: fixture)
+                            tok_dir, write_config)
 
 TEACHER_ARCH = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4}
 
@@ -55,17 +53,8 @@ def test_sigkill_during_kd_training_then_rerun_gives_bitwise_identical_parameter
     out = finish(run_train(write_config(tmp_path / "ref.yaml", ref_dir, tok_dir, distill=distill)))
     assert f"distill: teacher teacher: {teacher_dir} (step 4)" in out
     cfg = write_config(tmp_path / "kill.yaml", kill_dir, tok_dir, distill=distill)
-    proc = run_train(cfg)
-    deadline = time.time() + 300
-    while not (kill_dir / "checkpoints" / "3").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished_before_the_kill = (kill_dir / "summary.json").is_file()  # a 12-step run can end within 1.5 s
-    out = finish(run_train(cfg))
-    assert ("already finished" if finished_before_the_kill else "resumed from step") in out
+    said = sigkill_after_first_checkpoint(run_train(cfg), kill_dir)
+    assert said in finish(run_train(cfg))
 
     a, b = final_params(ref_dir, 12), final_params(kill_dir, 12)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -141,16 +130,8 @@ def test_sigkill_during_training_on_stored_labels_then_rerun_gives_bitwise_ident
     out = finish(run_train(write_config(tmp_path / "ref.yaml", ref_dir, tok_dir, distill=distill)))
     assert f"soft labels stored in {logits}" in out
     cfg = write_config(tmp_path / "kill.yaml", kill_dir, tok_dir, distill=distill)
-    proc = run_train(cfg)
-    deadline = time.time() + 300
-    while not (kill_dir / "checkpoints" / "3").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished_before_the_kill = (kill_dir / "summary.json").is_file()  # a 12-step run can end within 1.5 s
-    assert ("already finished" if finished_before_the_kill else "resumed from step") in finish(run_train(cfg))
+    said = sigkill_after_first_checkpoint(run_train(cfg), kill_dir)
+    assert said in finish(run_train(cfg))
 
     a, b = final_params(ref_dir, 12), final_params(kill_dir, 12)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

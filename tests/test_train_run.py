@@ -68,6 +68,20 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     return out
 
 
+def sigkill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int = 3, max_delay: float = 1.5) -> str:
+    """SIGKILLs `proc` at a random moment (maybe mid-step, maybe mid-save) after checkpoint
+    `step` exists; returns what its rerun must say: "resumed from step", or "already
+    finished" where the short run ended within the delay (a fast, idle machine)."""
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / str(step)).is_dir():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, max_delay))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return "already finished" if (run_dir / "summary.json").is_file() else "resumed from step"
+
+
 def final_params(run_dir: Path, step: int):
     from tinyllm_jax.config import CheckpointConfig
     from tinyllm_jax.runtime.checkpoint import Checkpointer
@@ -85,19 +99,10 @@ def test_sigkill_then_resume_gives_bitwise_identical_parameters(tmp_path, tok_di
     finish(run_train(write_config(tmp_path / "ref.yaml", ref_dir, tok_dir)))
 
     cfg = write_config(tmp_path / "kill.yaml", kill_dir, tok_dir)
-    proc = run_train(cfg)
-    # kill at a random moment after the first checkpoint exists (maybe mid-save)
-    deadline = time.time() + 300
-    while not (kill_dir / "checkpoints" / "3").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    said = sigkill_after_first_checkpoint(run_train(cfg), kill_dir)
     killed_at = [json.loads(l)["step"] for l in (kill_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    finished_before_the_kill = (kill_dir / "summary.json").is_file()  # a 12-step run can end within 1.5 s
     out = finish(run_train(cfg))
-    assert ("already finished" if finished_before_the_kill else "resumed from step") in out
+    assert said in out
 
     a, b = final_params(ref_dir, 12), final_params(kill_dir, 12)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -229,8 +234,6 @@ def test_examples_longer_than_rows_train_in_long_batches(tmp_path, tok_dir):
 def test_continue_optimizer_starts_from_the_init_runs_adam_state_with_this_runs_schedule(tmp_path, tok_dir):
     """train.continue_optimizer: Adam's moments and count go on from model.init's selected
     checkpoint; the schedule's count starts at 0 (optim.schedule_offset places the rate)."""
-    import optax
-
     from tinyllm_jax.config import CheckpointConfig
     from tinyllm_jax.runtime.checkpoint import Checkpointer
 
