@@ -22,7 +22,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 # name -> (model_type, config overrides). Together: GQA and MHA, tied and untied, Qwen2's q/k/v
 # biases, Llama's attention and MLP biases, Qwen3's q/k norms with head_dim != hidden/heads,
-# llama3 and linear rope scaling, a non-default rope_theta.
+# llama3 and linear rope scaling, a non-default rope_theta, Mistral's sliding window.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama_gqa": ("llama", dict(num_key_value_heads=2)),
     "llama_tied_llama3_bias": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
@@ -30,6 +30,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "llama_linear_mha": ("llama", dict(num_key_value_heads=4,
                                        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})),
     "mistral_one_kv_head": ("mistral", dict(num_key_value_heads=1, sliding_window=None)),
+    # a window shorter than the tests' rows and generations, so that keys leave it
+    "mistral_window_8": ("mistral", dict(num_key_value_heads=2, sliding_window=8)),
     "qwen2_bias_tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3_head_dim_16": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
 }

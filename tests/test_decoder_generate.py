@@ -36,7 +36,7 @@ def test_prefill_then_decode_steps_equal_full_forward(variant):
     mask = jnp.arange(L)[None] < lengths[:, None]
     kvs = model.apply({"params": params}, tokens, mask, method=Decoder.prefill)
     assert kvs[0][0].shape == (2, cfg.num_key_value_heads, L, cfg.head_size)
-    caches = [DenseCache.from_prefill(kv, mask, L) for kv in kvs]
+    caches = [DenseCache.from_prefill(kv, mask, L, cfg.sliding_window) for kv in kvs]
     step = jax.jit(lambda p, t, pos, c: model.apply({"params": p}, t, pos, c, method=Decoder.decode_step))
     for i in range(L - lengths.max()):
         pos = jnp.asarray(lengths + i, jnp.int32)

@@ -126,9 +126,9 @@ BASE = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediat
     ({"model_type": "gpt2"}, r"config.json: model_type is 'gpt2'; decoder-only students are one of llama, mistral, qwen2, qwen3"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling.rope_type is 'yarn'; supported: default, linear, llama3"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, r"rope_parameters.rope_type is 'dynamic'"),
-    ({"model_type": "mistral", "sliding_window": 4096}, r"sliding_window is 4096 and active \(model_type 'mistral'"),
+    ({"model_type": "mistral", "sliding_window": 0}, r"sliding_window is 0; expected a whole number of at least 1"),
     ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1},
-     r"sliding_window is 64 and active \(use_sliding_window is true\)"),
+     r"sliding_window is 64 and active \(use_sliding_window is true\); qwen2's sliding window in some layers"),
     ({"hidden_act": "gelu"}, r"hidden_act is 'gelu'; the llama MLP here is SwiGLU \(expected 'silu'\)"),
     ({"partial_rotary_factor": 0.5}, r"partial_rotary_factor is 0.5"),
     ({"num_key_value_heads": 3}, r"num_attention_heads \(4\) is not a multiple of num_key_value_heads \(3\)"),
@@ -151,7 +151,17 @@ def test_inactive_sliding_windows_are_accepted():
     assert config_from_hf({**BASE, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 32768})
     assert config_from_hf({**BASE, "model_type": "qwen3", "use_sliding_window": True, "sliding_window": 64,
                            "max_window_layers": 28})  # no layer reaches max_window_layers
-    assert config_from_hf({**BASE, "model_type": "mistral", "sliding_window": None})
+    assert config_from_hf({**BASE, "model_type": "mistral", "sliding_window": None}).sliding_window is None
+
+
+def test_mistrals_sliding_window_is_read_and_written_back():
+    """Mistral v0.1 (and transformers' MistralConfig default) slides over 4096 keys: computed
+    here, so the checkpoint loads and its export says the same window."""
+    from tinyllm_jax.model.decoder_hf import config_to_hf
+
+    cfg = config_from_hf({**BASE, "model_type": "mistral", "sliding_window": 4096})
+    assert cfg.sliding_window == 4096 and config_to_hf(cfg)["sliding_window"] == 4096
+    assert config_from_hf({**BASE, "model_type": "llama", "sliding_window": 4096}).sliding_window is None
 
 
 def test_old_rope_format_reads_like_the_new():

@@ -38,7 +38,7 @@ def _hf_greedy(hf, prompts, n, eos):
     return out
 
 
-@pytest.mark.parametrize("variant", ["qwen2_bias_tied", "llama_gqa", "qwen3_head_dim_16"])
+@pytest.mark.parametrize("variant", ["qwen2_bias_tied", "llama_gqa", "qwen3_head_dim_16", "mistral_window_8"])
 def test_engine_greedy_equals_transformers_generate(variant, decoder_dir, bpe_tokenizer):
     """Continuous batching over fewer slots than requests (prefilled prompts of ragged length,
     each row at its own position), stopping at either EOS id: what generate gives each prompt."""

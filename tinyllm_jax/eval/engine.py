@@ -248,7 +248,11 @@ class _Family:
         if self.causal:
             from tinyllm_jax.model.decoder import Decoder
 
-            caches = [PagedCache(k, v, **tables, bias=None, ctx_k=ck, ctx_v=cv, ctx_mask=st.enc_mask)
+            ctx_mask = st.enc_mask
+            if self.cfg.sliding_window is not None:  # Mistral: the prompt's keys leave the window first
+                query = st.offset + st.pos
+                ctx_mask = ctx_mask & (jnp.arange(ctx_mask.shape[1])[None, :] > (query - self.cfg.sliding_window)[:, None])
+            caches = [PagedCache(k, v, **tables, bias=None, ctx_k=ck, ctx_v=cv, ctx_mask=ctx_mask)
                       for (k, v), (ck, cv) in zip(st.pages_kv, st.cross_kv)]
             return self.model.apply(variables, st.token, st.offset + st.pos, caches, method=Decoder.decode_step)
         T = st.out.shape[1]
@@ -270,6 +274,7 @@ def _compiled(cfg: Any, sampling: Sampling, eos_ids: tuple[int, ...], mesh: Mesh
     dt = cfg.compute_dtype
     H, K, n_layers = fam.kv_heads, fam.head_dim, fam.layers
     eos_E = np.asarray(eos_ids, np.int32)
+    window = getattr(cfg, "sliding_window", None)  # Mistral's; T5 has none
 
     def rows_sharding(ndim: int):
         return NamedSharding(mesh, P(row_axes, *([None] * (ndim - 1)))) if ndim else NamedSharding(mesh, P())
@@ -386,6 +391,8 @@ def _compiled(cfg: Any, sampling: Sampling, eos_ids: tuple[int, ...], mesh: Mesh
             key_pos = st.page_index[:, None] * PAGE + jnp.arange(PAGE)[None, :]
             query_pos = st.pos[owner][:, None]
             valid = (st.page_owner < S)[:, None] & (key_pos <= query_pos)
+            if window is not None:
+                valid = valid & (query_pos - key_pos < window)
             tables = dict(write_page=jnp.where(step, st.slot_pages[rows, jnp.minimum(st.pos // PAGE, st.slot_pages.shape[1] - 1)], N),
                           write_at=st.pos % PAGE, owner=owner, valid=valid,
                           slot_pages=jnp.maximum(st.slot_pages, 0), has_page=st.slot_pages >= 0)

@@ -1,9 +1,10 @@
-"""Decoder-only transformers in Flax Linen: Llama, Mistral (no sliding window), Qwen2, Qwen3.
+"""Decoder-only transformers in Flax Linen: Llama, Mistral (with its sliding window), Qwen2, Qwen3.
 
 One network covers the four families of Hugging Face checkpoints: RMSNorm, rotary positions
 (default, `linear` and `llama3` scaling), grouped-query attention, a SwiGLU MLP; Qwen2's q/k/v
 biases, Llama's optional attention and MLP biases, Qwen3's per-head q/k RMSNorm; tied or untied
-embeddings. Rows may be PACKED: segment ids (0 = padding) make attention causal and
+embeddings; Mistral's sliding window (a query reads the `sliding_window` latest keys, itself
+included, as transformers masks it). Rows may be PACKED: segment ids (0 = padding) make attention causal and
 block-diagonal, and positions restart at 0 in each segment (they feed the rotary embedding).
 
 Parameters are fp32 with logical axis names (vocab, embed, heads, kv_heads, kv, mlp) for
@@ -53,6 +54,7 @@ class DecoderConfig:
     max_position_embeddings: int = 2048
     attention_bias: bool = False  # q/k/v biases, and o_proj's too except for qwen2
     mlp_bias: bool = False
+    sliding_window: Optional[int] = None  # mistral: a query reads at most this many latest keys; None: all
     qk_norm: bool = False  # qwen3: RMSNorm of each query and key head
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = None
@@ -83,6 +85,9 @@ class DecoderConfig:
             problems.append("model_type 'qwen2' has q/k/v biases: attention_bias must be true")
         if self.model_type == "mistral" and self.attention_bias:
             problems.append("model_type 'mistral' has no attention biases: attention_bias must be false")
+        if self.sliding_window is not None and (self.model_type != "mistral" or self.sliding_window < 1):
+            problems.append(f"sliding_window {self.sliding_window} is mistral's and at least 1; "
+                            f"model_type {self.model_type!r} attends every key (expected null)")
         if self.mlp_bias and self.model_type != "llama":
             problems.append(f"mlp_bias is llama's; model_type {self.model_type!r} has none")
         if problems:
@@ -194,11 +199,15 @@ def grouped_attention(q_BxHxQxK: Array, k_BxGxSxK: Array, v_BxGxSxK: Array, mask
     return jnp.einsum("bgrqs,bgsk->bgrqk", weights, v_BxGxSxK).reshape(B, H, Q, K)
 
 
-def attention_bias(segment_ids_BxL: Optional[Array], L: int) -> Array:
+def attention_bias(segment_ids_BxL: Optional[Array], L: int, window: Optional[int] = None) -> Array:
     """[B, L, L] (or [1, L, L] without segment ids) fp32 additive attention bias, 0 where a query
-    may read a key (causal; the same segment, not padding) and NEG_INF elsewhere; made once a
-    forward pass and shared by the layers."""
-    allowed = jnp.tril(jnp.ones((L, L), bool))[None]
+    may read a key (causal; the same segment, not padding; at most `window` places back, itself
+    included) and NEG_INF elsewhere; made once a forward pass and shared by the layers. A segment
+    is contiguous, so distance along the row is distance in its positions."""
+    query, key = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+    allowed = (key <= query)[None]
+    if window is not None:
+        allowed = allowed & (query - key < window)[None]
     if segment_ids_BxL is not None:
         seg = segment_ids_BxL
         allowed = allowed & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
@@ -377,7 +386,7 @@ class Decoder(nn.Module):
             positions_BxL = (jnp.arange(L, dtype=jnp.int32)[None] if segment_ids_BxL is None
                              else segment_positions(segment_ids_BxL))
         cos, sin = rotary_tables(self.cfg, positions_BxL)
-        bias = attention_bias(segment_ids_BxL, L)
+        bias = attention_bias(segment_ids_BxL, L, self.cfg.sliding_window)
         x = self._embed(tokens_BxL)
         kvs = []
         for layer in self.layers:

@@ -26,15 +26,18 @@ class DenseCache(NamedTuple):
     v: jax.Array
     valid: jax.Array  # [B, T] slots holding a token of the row
     pos: jax.Array  # [B] the slot this step's key is written to: the row's position
+    window: jax.Array  # () how many latest keys a query reads (Mistral's sliding window; else all slots)
 
     @classmethod
-    def from_prefill(cls, kv: tuple[jax.Array, jax.Array], mask_BxL: jax.Array, max_len: int) -> "DenseCache":
+    def from_prefill(cls, kv: tuple[jax.Array, jax.Array], mask_BxL: jax.Array, max_len: int,
+                     window: Optional[int] = None) -> "DenseCache":
         """A cache of `max_len` slots holding a prefill's keys where `mask` is set; `pos` is
-        left at 0 for the caller to set."""
+        left at 0 for the caller to set; `window` is the config's `sliding_window`."""
         k, v = kv
         pad = ((0, 0), (0, 0), (0, max_len - k.shape[2]), (0, 0))
         valid = jnp.pad(mask_BxL.astype(bool), ((0, 0), (0, max_len - mask_BxL.shape[1])))
-        return cls(jnp.pad(k, pad), jnp.pad(v, pad), valid, jnp.zeros((k.shape[0],), jnp.int32))
+        return cls(jnp.pad(k, pad), jnp.pad(v, pad), valid, jnp.zeros((k.shape[0],), jnp.int32),
+                   jnp.int32(max_len if window is None else window))
 
     def write(self, k_BxGx1xK: jax.Array, v_BxGx1xK: jax.Array) -> "DenseCache":
         rows = jnp.arange(self.k.shape[0])
@@ -43,7 +46,9 @@ class DenseCache(NamedTuple):
         return self._replace(k=k, v=v, valid=self.valid.at[rows, self.pos].set(True, mode="drop"))
 
     def attend(self, q_BxHx1xK: jax.Array) -> jax.Array:
-        return grouped_attention(q_BxHx1xK, self.k, self.v, self.valid[:, None, :])
+        slots = jnp.arange(self.k.shape[2])[None, :]
+        readable = self.valid & (slots > (self.pos - self.window)[:, None])
+        return grouped_attention(q_BxHx1xK, self.k, self.v, readable[:, None, :])
 
 
 def generate(cfg: DecoderConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -77,7 +82,8 @@ def _generate_fn(cfg: DecoderConfig, max_new: int, eos: tuple, sampled: bool):
         # The prompt's last token goes through decode_step: its logits give the first new token.
         mask = jnp.arange(L)[None, :] < (lengths_B - 1)[:, None]
         kvs = model.apply(variables, tokens_BxL, mask, method=Decoder.prefill)
-        caches = [DenseCache.from_prefill(kv, mask, L + max_new) for kv in kvs]
+        caches = [DenseCache.from_prefill(kv, mask, L + max_new, cfg.sliding_window) for kv in kvs]
+
         last = tokens_BxL[jnp.arange(B), lengths_B - 1]
         z = jnp.zeros((B,), jnp.int32)
 

@@ -166,6 +166,7 @@ def config_from_hf(hf: dict[str, Any], has_lm_head: bool = True, where: str = "c
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             attention_bias={"qwen2": True, "mistral": False}.get(model_type, bool(hf.get("attention_bias", False))),
             mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
             qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)) or not has_lm_head,
             bos_token_id=hf.get("bos_token_id"),
@@ -180,24 +181,25 @@ def config_from_hf(hf: dict[str, Any], has_lm_head: bool = True, where: str = "c
 
 
 def _check_sliding_window(hf: dict[str, Any], model_type: str, where: str) -> None:
-    """Mistral slides whenever sliding_window is set; Qwen2/3 only with use_sliding_window and
-    some layer past max_window_layers (or named so in layer_types); Llama never."""
+    """Mistral slides in every layer whenever sliding_window is set (computed here, as
+    transformers masks it); Qwen2/3 only with use_sliding_window and some layer past
+    max_window_layers (or named so in layer_types): that per-layer mix is refused; Llama never."""
     window = hf.get("sliding_window")
-    if window is None or model_type == "llama":
+    if window is None or model_type in ("llama", "mistral"):
+        if model_type == "mistral" and window is not None and (not isinstance(window, int) or window < 1):
+            raise ModelLoadError(f"{where}: sliding_window is {window!r}; expected a whole number of at least 1, "
+                                 "or null")
         return
-    if model_type in ("qwen2", "qwen3"):
-        if not hf.get("use_sliding_window", False):
-            return
-        types = hf.get("layer_types")
-        if types is not None and "sliding_attention" not in types:
-            return
-        if types is None and hf.get("num_hidden_layers", 0) <= hf.get("max_window_layers", 28):
-            return
-        why = "use_sliding_window is true"
-    else:
-        why = f"model_type {model_type!r} applies it whenever it is set"
-    raise ModelLoadError(f"{where}: sliding_window is {window} and active ({why}); sliding-window attention is "
-                         "not supported (expected sliding_window: null)")
+    if not hf.get("use_sliding_window", False):
+        return
+    types = hf.get("layer_types")
+    if types is not None and "sliding_attention" not in types:
+        return
+    if types is None and hf.get("num_hidden_layers", 0) <= hf.get("max_window_layers", 28):
+        return
+    raise ModelLoadError(f"{where}: sliding_window is {window} and active (use_sliding_window is true); "
+                         f"{model_type}'s sliding window in some layers only is not supported (expected "
+                         "use_sliding_window: false)")
 
 
 def _rope_dict(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -254,7 +256,7 @@ def config_to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     if cfg.model_type in ("qwen2", "qwen3"):
         out.update(use_sliding_window=False, sliding_window=None)
     if cfg.model_type == "mistral":
-        out["sliding_window"] = None
+        out["sliding_window"] = cfg.sliding_window
     return out
 
 
