@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -193,6 +194,27 @@ def test_config_errors_name_the_key(tmp_path, tok_dir, capsys):
     assert main(["train", str(missing)]) == 2
     err = capsys.readouterr().err
     assert "nope.jsonl" in err and "not found" in err
+
+
+def test_a_config_that_is_not_yaml_says_where_in_one_line(tmp_path):
+    """A tab, an unclosed brace, a binary file, a folder: one line naming the file (and the line
+    and column), never PyYAML's multi-line report."""
+    from tinyllm_jax.config import ConfigError, load_config
+
+    cases = {"tab.yaml": ("train:\n\tsteps: 3\n", r"line 2, column 1: found character '\\t' that cannot start any "
+                                                   r"token \(YAML indents with spaces, not tabs\)$"),
+             "brace.yaml": ("train: {steps: 3\n", r"line 2, column 1: expected ',' or '\}', but got '<stream end>'$")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path / name)
+        assert "\n" not in str(err.value) and re.search(f"^{re.escape(str(tmp_path / name))}: invalid YAML: {message}",
+                                                         str(err.value)), str(err.value)
+    (tmp_path / "binary.yaml").write_bytes(b"run_dir: x\n\xff\xfe")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not UTF-8 text \(byte 11\); expected a YAML config file$"):
+        load_config(tmp_path / "binary.yaml")
+    with pytest.raises(ConfigError, match=r": is a folder; expected a YAML config file"):
+        load_config(tmp_path)
 
 
 def test_eval_command_matches_in_training_eval_and_export_loads(tmp_path, tok_dir):

@@ -303,18 +303,31 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: where (line, column, 1-based) and what."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    hint = " (YAML indents with spaces, not tabs)" if "'\\t'" in problem else ""
+    return f"{where}{' '.join(problem.split())}{hint}"
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Any:
     """Reads YAML `path` (or starts from defaults), applies `key=value` overrides, validates."""
     where = str(path) if path else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder; expected a YAML config file (e.g. configs/demo.yaml)")
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML config file") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at top level, found {type(raw).__name__}")
     file_raw = copy.deepcopy(raw)
