@@ -138,4 +138,17 @@ def test_bad_inputs_give_clear_errors_and_no_output(tmp_path, tiny_t5_dir, capsy
     missing_field.write_text('{"text": "hi"}\n')
     code, err = run(tiny_t5_dir, missing_field)
     assert code == 2 and f"{missing_field}:1" in err
+
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"input": "ok"}\n{"input": "caf\u00e9"}\n'.encode("latin-1"))
+    code, err = run(tiny_t5_dir, latin1)
+    assert code == 2 and f"{latin1}:2: not valid UTF-8 (byte 0xe9)" in err
+
+    from tinyllm_jax.eval.predict import read_inputs  # Notepad's BOM and CRLF, PowerShell's UTF-16: read
+
+    rows = [{"input": "caf\u00e9 ok", "n": 1}, {"input": "two"}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n"
+    for encoding in ("utf-8-sig", "utf-16"):
+        (tmp_path / "win.jsonl").write_bytes(text.encode(encoding))
+        assert read_inputs(tmp_path / "win.jsonl") == rows, encoding
     assert not out.exists()

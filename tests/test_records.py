@@ -75,6 +75,27 @@ def test_non_utf8_row_is_named_and_only_that_row_is_skipped(tmp_path):
     assert skipped == [f"{path}:2: not valid UTF-8 (byte 0xe9)"]
 
 
+@pytest.mark.parametrize("encoding, newline", [("utf-8-sig", "\r\n"), ("utf-16", "\r\n"), ("utf-16-be", "\n")])
+def test_windows_files_read_as_written_there(tmp_path, encoding, newline):
+    """Notepad's UTF-8 with a byte-order mark and CRLF lines, PowerShell's UTF-16 (`>`), as
+    JSON Lines and as a JSON list: the same records as plain UTF-8."""
+    want = rows(2)
+    bom = "\ufeff" if encoding == "utf-16-be" else ""  # "utf-16" writes its own mark
+    for name, text in [("lines.jsonl", newline.join(json.dumps(r, ensure_ascii=False) for r in want) + newline),
+                       ("list.json", json.dumps(want, indent=1).replace("\n", newline))]:
+        path = tmp_path / name
+        path.write_bytes((bom + text).encode(encoding))
+        recs, skipped = load_records(path)
+        assert recs == [json.loads(json.dumps(r)) for r in want] and skipped == [], name
+
+
+def test_broken_utf16_is_named(tmp_path):
+    path = tmp_path / "half.jsonl"
+    path.write_bytes("\ufeff{}".encode("utf-16-le") + b"\x00\xd8")  # a lone high surrogate at the end
+    with pytest.raises(RecordError, match=r"half.jsonl: UTF-16 \(by its byte-order mark\) but not valid UTF-16"):
+        load_records(path)
+
+
 def test_non_utf8_inside_a_json_list_is_located_too(tmp_path):
     path = tmp_path / "list.json"
     text = json.dumps(rows(2), indent=1).replace("question 1?", "QQQ").encode()

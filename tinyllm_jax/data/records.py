@@ -163,7 +163,7 @@ def iter_located_records(
         raise RecordError(f"{path}: file not found")
     skipped = skipped if skipped is not None else []
     try:
-        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        text = decode_text(path.read_bytes(), path)
     except OSError as e:  # no read permission, a file system error
         raise RecordError(f"{path}: cannot read: {e.strerror or e}") from None
     if not text.strip():
@@ -193,6 +193,19 @@ def iter_located_records(
         yield where, obj
     if seen == 0 and not lenient:
         raise RecordError(f"{path}: no records")
+
+
+def decode_text(data: bytes, path: Path) -> str:
+    """The file's text: UTF-8, its byte-order mark dropped (Windows editors write one); UTF-16
+    where a UTF-16 byte-order mark says so (PowerShell's `>` writes it). Bytes that are not
+    UTF-8 are kept as surrogates, so that the row holding them is named."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16").removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{path}: UTF-16 (by its byte-order mark) but not valid UTF-16 at byte {e.start}; "
+                              "expected UTF-8 JSON Lines") from None
+    return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
 def _line_rows(text: str, path: Path) -> Iterator[tuple[int, tuple[int, int], Any]]:

@@ -14,22 +14,22 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: input file not found")
+    from tinyllm_jax.data.records import UNDECODABLE, decode_text
+
     rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
-                raise UserError(f'{path}:{lineno}: expected an object with a string field "input", found {line.strip()[:80]!r}')
-            rows.append(obj)
+    for lineno, line in enumerate(decode_text(path.read_bytes(), path).split("\n"), 1):  # a BOM, UTF-16, CRLF: read
+        bad = UNDECODABLE.search(line)
+        if bad:
+            raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
+            raise UserError(f'{path}:{lineno}: expected an object with a string field "input", found {line.strip()[:80]!r}')
+        rows.append(obj)
     if not rows:
         raise UserError(f"{path}: empty input file: no rows to predict")
     return rows
