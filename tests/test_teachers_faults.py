@@ -221,3 +221,37 @@ def test_several_greedy_samples_warn(tmp_path, stub, caplog):
     with caplog.at_level(logging.WARNING, logger="tinyllm.rationales"):
         generate_rationales(load(cfg))
     assert "num_samples=3 at temperature 0" in caplog.text
+
+
+@pytest.mark.parametrize("shape", ["closed", "opened_in_the_prompt", "parts"])
+def test_a_reasoning_models_thinking_is_not_its_rationale(tmp_path, stub, shape):
+    """Qwen3 or R1 served without a reasoning parser reply "<think>...</think>" then the answer
+    (or, when the chat template opens the block in the prompt, start inside it): the rationale
+    and the answer read are the visible reply. A reply cut off while thinking says nothing."""
+    from test_teachers_support import echo_gold
+
+    def thinking(body):
+        visible = echo_gold(body)
+        hidden = "Let me think. Maybe the answer is (z)? Thus, the answer is (z)\n"
+        if "number 2?" in prompt_of(body).rsplit("Question:", 1)[1]:
+            return "<think>\nstill thinking when max_tokens ran out"
+        if shape == "opened_in_the_prompt":
+            return f"{hidden}</think>\n\n{visible.lstrip()}"
+        return f"<think>\n{hidden}</think>\n\n{visible.lstrip()}"
+
+    stub.answer = thinking
+    cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "endpoint": "chat" if shape == "parts" else "completions"},
+                       records=4)
+    if shape == "parts":  # content as a list of parts, as some OpenAI-compatible servers send it
+        import tinyllm_jax.teachers.backends as backends
+        assert backends._content({"content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"text": "b"}]}) == "ab"
+    generate_rationales(load(cfg))
+    recs = read_lines(tmp_path / "out" / "train.jsonl")
+    kept = [r for r in recs if r.get("rationales", {}).get("t1")]
+    assert len(kept) == 3, recs
+    for r in kept:
+        (text,) = r["rationales"]["t1"]
+        assert "think" not in text and "(z)" not in text and text.startswith("Because it is."), text
+        assert r["teacher_answers"]["t1"] == [r["answer"]]
+    entries = read_lines(tmp_path / "out" / "cache.jsonl")
+    assert sorted(e["raw"] for e in entries)[0] == ""  # the one cut off mid-thought: nothing said

@@ -6,6 +6,12 @@ A backend takes a list of `Job`s and reports each one, as soon as it is settled,
 5xx, timeouts and dropped connections with exponential backoff and jitter, honouring
 Retry-After. The retry loop is written here rather than taken from the `openai` SDK so
 that its count, delays and logging are ours to bound, test and keep free of the API key.
+
+A reasoning model's hidden thinking is not its reply: `<think>...</think>` in the content
+(Qwen3, DeepSeek-R1 and their distills served without a reasoning parser; the chat template
+may open the block in the prompt, so the reply starts inside it) is dropped, and a reply
+still thinking when it was cut off says nothing. A reasoning parser's separate
+`reasoning_content`/`reasoning` field is never read.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -51,6 +58,31 @@ class RunStats:
 
 OnDone = Callable[[Job, str], None]
 OnFail = Callable[[Job, str], None]
+
+
+_THINKING = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def visible_reply(text: str | None) -> str:
+    """A reply less its thinking: closed `<think>` blocks removed; everything up to a closing
+    tag whose opening was in the prompt; an unclosed block to the end (cut off mid-thought)."""
+    text = text or ""
+    if "<think>" not in text and "</think>" not in text:
+        return text
+    text = _THINKING.sub("", text)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    if "<think>" in text:
+        text = text.split("<think>", 1)[0]
+    return text.lstrip()  # the reply after its thinking starts on a new paragraph
+
+
+def _content(message: Any) -> str | None:
+    """A chat message's content: a string, or a list of parts whose text parts are joined."""
+    content = message["content"]
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    return content
 
 
 class TeacherUnreachable(UserError):
@@ -190,10 +222,12 @@ class OpenAICompatible:
     def _text(self, r: httpx2.Response) -> str:
         try:
             choice = r.json()["choices"][0]
-            text = choice["message"]["content"] if self.teacher.endpoint == "chat" else choice["text"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            text = _content(choice["message"]) if self.teacher.endpoint == "chat" else choice["text"]
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise RequestFailed(f"unexpected response from {self.url}: {r.text[:300]}") from None
-        return text or ""
+        if text is not None and not isinstance(text, str):
+            raise RequestFailed(f"unexpected response from {self.url}: content is {type(text).__name__}: {r.text[:300]}")
+        return visible_reply(text)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
