@@ -202,3 +202,15 @@ def test_shared_data_is_found_through_the_environment_and_the_skip_says_how(tmp_
     for repo in ("YikunHan42/TinyLLM", "google-research/distilling-step-by-step", "2hojae/mentor-kd",
                  "zhuochunli/Learn-from-Committee"):
         assert repo in readme
+
+
+def test_a_command_without_its_config_names_only_what_is_missing(capsys):
+    """`tinyllm train` alone: the config is required, the key=value overrides are not (argparse
+    listed both while a `*` positional had no default)."""
+    from tinyllm_jax.cli import main
+
+    for command in ("train", "recipe", "eval", "rationales", "logits"):
+        with pytest.raises(SystemExit) as e:
+            main([command])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err.endswith("the following arguments are required: config"), (command, err)

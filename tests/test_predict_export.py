@@ -139,6 +139,11 @@ def test_bad_inputs_give_clear_errors_and_no_output(tmp_path, tiny_t5_dir, capsy
     code, err = run(tiny_t5_dir, missing_field)
     assert code == 2 and f"{missing_field}:1" in err
 
+    records = tmp_path / "records.jsonl"  # a training records file given to predict
+    records.write_text('{"id": "1", "question": "q?", "answer": "3"}\n')
+    code, err = run(tiny_t5_dir, records)
+    assert code == 2 and "looks like a training record: `tinyllm eval CONFIG` scores records" in err
+
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"input": "ok"}\n{"input": "caf\u00e9"}\n'.encode("latin-1"))
     code, err = run(tiny_t5_dir, latin1)

@@ -30,7 +30,7 @@ def _command(sub, name: str, summary: str, details: str = ""):
 
 def _config_args(p: argparse.ArgumentParser, example: str = "optim.learning_rate=1e-4") -> None:
     p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"dotted overrides, e.g. {example}")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=f"dotted overrides, e.g. {example}")
 
 
 def _train(a: argparse.Namespace) -> None:

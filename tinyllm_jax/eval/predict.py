@@ -28,7 +28,11 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
-            raise UserError(f'{path}:{lineno}: expected an object with a string field "input", found {line.strip()[:80]!r}')
+            hint = ("; this looks like a training record: `tinyllm eval CONFIG` scores records, and predict takes "
+                    'the text the model reads, e.g. {"input": "predict: <question>"}'
+                    if isinstance(obj, dict) and "question" in obj and "input" not in obj else "")
+            raise UserError(f'{path}:{lineno}: expected an object with a string field "input", '
+                            f'found {line.strip()[:80]!r}{hint}')
         rows.append(obj)
     if not rows:
         raise UserError(f"{path}: empty input file: no rows to predict")
