@@ -163,7 +163,8 @@ def load_pretrained(name_or_path: str, dtype: str = "float32", tokenizer: bool =
     model_dir = hf.resolve_model_dir(name_or_path)
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
-        raise_load_error(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+        raise_load_error(f"{model_dir}: no config.json: neither a Hugging Face model directory nor one of our runs "
+                         "(a run directory holds config.yaml and model_config.json)")
     try:
         model_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, AttributeError) as e:
