@@ -244,3 +244,36 @@ def test_the_other_failed_writes_of_a_save_are_not_logged_but_other_errors_are(t
         assert not [r for r in caplog.records if r.name == "asyncio"]
         gather_failures(KeyError("a bug"))
     assert [r for r in caplog.records if r.name == "asyncio" and "never retrieved" in r.getMessage()]
+
+
+def test_after_a_failed_save_unawaited_writes_say_nothing_at_exit(tmp_path):
+    """The failed save's other writes are coroutines that are never awaited; Python warned of
+    them while exiting ("coroutine ... was never awaited", seen in CI), after the one-line
+    report. Once a save has failed they are quiet; before, a stray coroutine still warns."""
+    script = textwrap.dedent("""
+        import gc, sys
+        from tinyllm_jax.config import CheckpointConfig
+        from tinyllm_jax.runtime.checkpoint import Checkpointer, CheckpointError
+
+        async def write_fragment():
+            pass
+
+        ckpt = Checkpointer(sys.argv[1], CheckpointConfig())
+        if sys.argv[2] == "failed":
+            full = "Failed to write 252644 bytes to file 17: File too large [os_error_code='27']"
+            try:
+                ckpt._guarded(6, lambda: (_ for _ in ()).throw(ValueError(full)))
+            except CheckpointError as e:
+                print(e, file=sys.stderr)
+        pending = write_fragment()  # dropped unawaited, as the failed save's other writes are
+        if sys.argv[3] == "now":
+            del pending
+            gc.collect()
+        # else collected while the interpreter exits ("sys:1: RuntimeWarning ...")
+    """)
+    for case, warned in (("failed", False), ("fine", True)):
+        for when in ("now", "at_exit"):
+            proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{case}-{when}"), case, when],
+                                  capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert ("was never awaited" in proc.stderr) == warned, (case, when, proc.stderr[-3000:])

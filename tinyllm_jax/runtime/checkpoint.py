@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,6 +126,9 @@ class Checkpointer:
             if reason is None:
                 raise
             self._failed = True
+            # the failed save's other writes are coroutines nobody will await now; Python warns
+            # of each as it collects them, maybe at exit, after our one line
+            warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
             kept = complete_steps(self.directory)
             keeps = f"the last complete checkpoint, step {kept[-1]}, is kept" if kept else "no checkpoint is complete yet"
             raise CheckpointError(f"run_dir: cannot save checkpoint step {step if step is not None else '?'} in "
