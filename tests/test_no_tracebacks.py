@@ -209,7 +209,7 @@ def test_paths_with_spaces_work_in_every_subcommand(tmp_path, tok_dir, capsys): 
     assert (tmp_path / "my plots" / "a plot.png").is_file()
 
 
-def test_the_other_failed_writes_of_a_save_are_not_logged_but_other_errors_are(tmp_path, caplog):
+def test_the_other_failed_writes_of_a_save_are_not_logged_but_other_errors_are(tmp_path, caplog, monkeypatch):
     """A save writes in parallel; asyncio's gather raises the first failed write and logs the
     others ("Task exception was never retrieved", a traceback each) when they are collected,
     which is what the one-line report of a full disk must not be buried under (seen in CI).
@@ -221,6 +221,9 @@ def test_the_other_failed_writes_of_a_save_are_not_logged_but_other_errors_are(t
     from tinyllm_jax.config import CheckpointConfig
     from tinyllm_jax.runtime.checkpoint import Checkpointer
 
+    from tinyllm_jax.runtime import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_A_SAVE_FAILED", False)  # and back as it was after the test
     Checkpointer(tmp_path / "ckpt", CheckpointConfig()).close()  # installs the filter
     full = "OUT_OF_RANGE: Error writing ... Failed to write 252644 bytes to file 17: File too large [os_error_code='27']"
 
@@ -238,12 +241,29 @@ def test_the_other_failed_writes_of_a_save_are_not_logged_but_other_errors_are(t
             asyncio.run(save())
         gc.collect()
 
+    def destroy_a_pending_write() -> None:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(asyncio.sleep(60))
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        del task
+        gc.collect()
+
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         gather_failures(ValueError(full))
         gather_failures(OSError(28, "No space left on device"))
         assert not [r for r in caplog.records if r.name == "asyncio"]
         gather_failures(KeyError("a bug"))
-    assert [r for r in caplog.records if r.name == "asyncio" and "never retrieved" in r.getMessage()]
+        assert [r for r in caplog.records if r.name == "asyncio" and "never retrieved" in r.getMessage()]
+        caplog.clear()
+        destroy_a_pending_write()  # before any save failed: said
+        assert [r for r in caplog.records if r.name == "asyncio" and "destroyed but it is pending" in r.getMessage()]
+        caplog.clear()
+        ckpt = Checkpointer(tmp_path / "ckpt2", CheckpointConfig())
+        with pytest.raises(Exception, match="File too large"):
+            ckpt._guarded(6, lambda: (_ for _ in ()).throw(ValueError(full)))
+        destroy_a_pending_write()  # a save failed: its abandoned writes are not
+        assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
 def test_after_a_failed_save_unawaited_writes_say_nothing_at_exit(tmp_path):

@@ -75,15 +75,22 @@ class _QuietOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
+_A_SAVE_FAILED = False  # set once a save failed on the file system: its writes in flight are abandoned
+
+
 class _QuietUnretrievedWriteErrors(logging.Filter):
     """When one of a save's parallel writes fails, asyncio's gather raises that one; the
     others' failures (the same full disk) are never retrieved, and asyncio logs each with its
-    traceback when the task is collected. The save's failure is reported in one line, so a
-    failed write of the file system is dropped here; any other error is still logged."""
+    traceback when the task is collected; once a save has failed, its writes still pending
+    are destroyed with the loop ("Task was destroyed but it is pending!"). The save's failure
+    is reported in one line, so those are dropped here; any other error is still logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not ("never retrieved" in str(record.msg) and exc is not None and _io_reason(exc) is not None)
+        message = str(record.msg)
+        if "never retrieved" in message and exc is not None and _io_reason(exc) is not None:
+            return False
+        return not (_A_SAVE_FAILED and message.startswith("Task was destroyed but it is pending"))
 
 
 class Checkpointer:
@@ -119,13 +126,14 @@ class Checkpointer:
 
     def _guarded(self, step: int | None, write: Callable[[], Any]) -> Any:
         """Runs `write`; a failure of the file system becomes one CheckpointError."""
+        global _A_SAVE_FAILED
         try:
             return write()
         except (OSError, ValueError) as e:
             reason = _io_reason(e)
             if reason is None:
                 raise
-            self._failed = True
+            self._failed = _A_SAVE_FAILED = True
             # the failed save's other writes are coroutines nobody will await now; Python warns
             # of each as it collects them, maybe at exit, after our one line
             warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
