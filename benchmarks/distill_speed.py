@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -343,7 +342,7 @@ def summarise(su: Setup, sides: dict[str, dict[str, Any]], arch_name: str, quick
 def run(*, quick: bool = False, arch_name: str | None = None, dtype: str = "float32", vocab: int | None = None,
         rows: int | None = None, out_dir: Path | None = RESULTS, log=print) -> dict[str, Any]:
     """Runs the benchmark; returns the results and, with `out_dir`, writes them there."""
-    from benchmarks.run import device_slug
+    from benchmarks.run import write_result
 
     size = SIZES["quick" if quick else "full"]
     arch_name = arch_name or ("t5-tiny" if quick else "t5-cpu-small")
@@ -368,11 +367,7 @@ def run(*, quick: bool = False, arch_name: str | None = None, dtype: str = "floa
     results["seconds"] = round(time.time() - started, 1)
     results["device"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"distill-{device_slug()}-{results['date']}{'-quick' if quick else ''}.json"
-        path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        results["path"] = str(path)
+        write_result(results, out_dir, "distill", quick)
     return results
 
 
@@ -485,13 +480,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the compile-only memory section (more rows, a 152k-vocabulary decoder student)")
     args = ap.parse_args(argv)
     if args.memory:
-        from benchmarks.run import device_slug
+        from benchmarks.run import write_result
 
         mem = compiled_memory(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
-        path = Path(args.out) / f"distill-memory-{device_slug()}-{datetime.date.today().isoformat()}" \
-                                f"{'-quick' if args.quick else ''}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(mem, indent=2) + "\n", encoding="utf-8")
+        mem.setdefault("date", datetime.date.today().isoformat())
+        path = write_result(mem, args.out, "distill-memory", args.quick)
         for name, ratio in mem["ratios"].items():
             print(f"{name:44} peak {mem[name]['peak_bytes'] / 2**20:9.1f} MiB, chunked "
                   f"{mem[name + '_chunked']['peak_bytes'] / 2**20:9.1f} MiB: x{ratio:.3f}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -185,7 +184,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.run import device_info, device_slug
+    from benchmarks.run import device_info, write_result
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.topk_fidelity", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the tiny random models only")
@@ -199,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"benchmark": "topk_fidelity", "quick": args.quick, "date": datetime.date.today().isoformat(),
                "device": device_info(len(os.sched_getaffinity(0))), "cases": cases,
                "seconds": round(time.time() - started, 1)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"topk-fidelity-{device_slug()}-{results['date']}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    path = write_result(results, args.out, "topk-fidelity", args.quick)
     print(table(results))
     print(f"\nwrote {path} ({results['seconds']} s)")
     return 0

@@ -35,6 +35,13 @@ OPTIONAL = ("choices", "context", "rationales", "teacher_answers", "provenance",
 UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
+def undecodable(text: str, start: int = 0, end: int | None = None) -> str | None:
+    """"not valid UTF-8 (byte 0x..)" for the first byte `decode_text` could not decode in
+    text[start:end], else None."""
+    bad = UNDECODABLE.search(text, start, len(text) if end is None else end)
+    return f"not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})" if bad else None
+
+
 class RecordError(UserError, ValueError):
     """A record file or row is malformed. The message names the file and line."""
 
@@ -179,10 +186,9 @@ def iter_located_records(
         try:
             if isinstance(row, json.JSONDecodeError):
                 raise RecordError(f"{where}: malformed JSON: {row.msg} (column {row.colno})")
-            bad = UNDECODABLE.search(text, column[0], column[1])
+            bad = undecodable(text, *column)
             if bad:
-                byte = ord(bad.group()) - 0xDC00
-                raise RecordError(f"{where}: not valid UTF-8 (byte 0x{byte:02x})")
+                raise RecordError(f"{where}: {bad}")
             obj = validate_record(map_fields(row, fields, where), where)
         except RecordError as err:
             if not lenient:

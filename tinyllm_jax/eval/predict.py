@@ -14,13 +14,13 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: input file not found")
-    from tinyllm_jax.data.records import UNDECODABLE, decode_text
+    from tinyllm_jax.data.records import decode_text, undecodable
 
     rows = []
     for lineno, line in enumerate(decode_text(path.read_bytes(), path).split("\n"), 1):  # a BOM, UTF-16, CRLF: read
-        bad = UNDECODABLE.search(line)
+        bad = undecodable(line)
         if bad:
-            raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x})")
+            raise UserError(f"{path}:{lineno}: {bad}")
         if not line.strip():
             continue
         try:
