@@ -217,7 +217,10 @@ def test_preempted_then_sigkilled_two_process_run_ends_bitwise_equal(reference, 
     first.kill(signal.SIGTERM, which={1})
     first.finish(status=128 + signal.SIGTERM)  # saved, and non-zero: `train && export` stops there
     said = [o.split("SIGTERM: saved step ")[1].split(",")[0] for o in (first.output(0), first.output(1))]
-    assert said[0] == said[1] and saved_steps(run_dir) == [int(said[0])], (said, saved_steps(run_dir))
+    # The step both saved is the last checkpoint; on a slow machine the signal can land after the
+    # periodic save at step 5, which stays beside it.
+    assert said[0] == said[1] and max(saved_steps(run_dir)) == int(said[0]), (said, saved_steps(run_dir))
+    assert set(saved_steps(run_dir)) <= {5, int(said[0])}, (said, saved_steps(run_dir))
 
     second = Run(cfg, 2)
     wait_for(lambda: max(saved_steps(run_dir)) > int(said[0]), second, "a checkpoint after the restart")
