@@ -1,7 +1,7 @@
 """Does distillation help? Every method on one task, student and seeds, trained until the
 validation curves flatten, selected on validation, tested once.
 
-    python -m benchmarks.methods              # the full comparison (~90 min on 2 CPU cores)
+    python -m benchmarks.methods              # the full comparison (4.3 h of runs measured on 2 CPU cores)
     python -m benchmarks.methods --plan       # the design and each run's steps; trains nothing
     python -m benchmarks.methods --quick      # one seed of answer-only vs the scratchpad, small data
 
@@ -59,7 +59,11 @@ The design, written down before any result of it was seen (and kept in the JSON 
 * Data efficiency: answer-only and the rationale arm with the best mean VALIDATION accuracy
   among the one-run arms (scratchpad, TinyLLM), on 25% of the train problems (500, a stable
   hash of the id), same budget and seeds.
-* Time: about 90 minutes on this 2-core CPU (the sizes above were chosen for it).
+* Time: the sizes above were chosen for about 90 minutes on this 2-core CPU; the run of
+  2026-12-05 took 15,335 s of runs (4.3 h, the machine shared with other jobs): training is
+  compute-bound (0.2-0.3 s a step of 16 x 128 slots), and its ~30,000 steps (arms, sweep,
+  mentor) alone
+  outlast the aim. A rerun picks up where a stopped one left off.
 """
 
 from __future__ import annotations
