@@ -62,8 +62,7 @@ The design, written down before any result of it was seen (and kept in the JSON 
 * Time: the sizes above were chosen for about 90 minutes on this 2-core CPU; the run of
   2026-12-05 took 15,335 s of runs (4.3 h, the machine shared with other jobs): training is
   compute-bound (0.2-0.3 s a step of 16 x 128 slots), and its ~30,000 steps (arms, sweep,
-  mentor) alone
-  outlast the aim. A rerun picks up where a stopped one left off.
+  mentor) alone outlast the aim. A rerun picks up where a stopped one left off.
 """
 
 from __future__ import annotations
