@@ -118,6 +118,15 @@ def test_weights_the_config_does_not_use_are_refused(decoder_dir, tmp_path):
         load_pretrained(str(path), tokenizer=False)
 
 
+def test_weights_of_another_shape_than_the_config_says_are_refused(decoder_dir, tmp_path):
+    path = tmp_path / "narrow"
+    shutil.copytree(decoder_dir("llama_gqa"), path)
+    hf_cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**hf_cfg, "intermediate_size": hf_cfg["intermediate_size"] * 2}))
+    with pytest.raises(ModelLoadError, match=r"model.layers.0.mlp.gate_proj.weight has the wrong shape for config.json"):
+        load_pretrained(str(path), tokenizer=False)
+
+
 BASE = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -143,6 +144,16 @@ def test_bad_inputs_give_clear_errors_and_no_output(tmp_path, tiny_t5_dir, capsy
     records.write_text('{"id": "1", "question": "q?", "answer": "3"}\n')
     code, err = run(tiny_t5_dir, records)
     assert code == 2 and "looks like a training record: `tinyllm eval CONFIG` scores records" in err
+
+    for change, key in [({"d_ff": 48}, "DenseReluDense.wi_0.weight"),  # a shape our layout checks
+                        ({"d_kv": 5}, "SelfAttention.q.weight")]:  # a reshape by heads that fails
+        wrong = tmp_path / f"wrong-{next(iter(change))}"
+        shutil.copytree(tiny_t5_dir, wrong)
+        hf_cfg = json.loads((wrong / "config.json").read_text())
+        (wrong / "config.json").write_text(json.dumps({**hf_cfg, **change}))
+        code, err = run(wrong, good)  # config.json disagrees with the weights: one line, not Flax's traceback
+        assert code == 2 and f"{wrong}: encoder.block.0.layer." in err and key in err, err
+        assert "has the wrong shape for config.json" in err and "Traceback" not in err and not out.exists()
 
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"input": "ok"}\n{"input": "caf\u00e9"}\n'.encode("latin-1"))

@@ -18,8 +18,8 @@ from flax import linen as nn
 
 from tinyllm_jax.errors import UserError
 from tinyllm_jax.model.decoder import MODEL_TYPES, ROPE_TYPES, DecoderConfig, init_params
-from tinyllm_jax.model.hf import (MAX_SHARD_BYTES, ModelLoadError, read_state_dict, resolve_model_dir,
-                                  write_weights)
+from tinyllm_jax.model.hf import (MAX_SHARD_BYTES, ModelLoadError, convert_state, read_state_dict,
+                                  resolve_model_dir, traced_shapes, write_weights)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -83,32 +83,13 @@ def expand_name_map(cfg: DecoderConfig) -> list[tuple[str, str, str]]:
 
 def param_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """Our parameters' shapes by "/"-joined path, traced without allocating them."""
-    abstract = nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    return {"/".join(k.key for k in path): tuple(x.shape) for path, x in flat}
+    return traced_shapes(lambda: init_params(cfg, jax.random.PRNGKey(0)))
 
 
 def hf_to_params(state: dict[str, np.ndarray], cfg: DecoderConfig, where: str = "checkpoint") -> dict[str, Any]:
     """transformers state dict -> our nested parameter dict (fp32 numpy). Tensors are popped from
     `state` as they are converted, so the checkpoint is not held twice."""
-    shapes = param_shapes(cfg)
-    params: dict[str, Any] = {}
-    missing = []
-    for ours, theirs, how in expand_name_map(cfg):
-        if theirs not in state:
-            missing.append(theirs)
-            continue
-        w = TRANSFORMS[how][0](np.asarray(state.pop(theirs), np.float32), cfg)
-        if w.shape != shapes[ours]:
-            raise ModelLoadError(f"{where}: {theirs} has the wrong shape for config.json "
-                                 f"(expected {shapes[ours]} in our layout, found {w.shape})")
-        node = params
-        *parents, leaf = ours.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = w
-    if missing:
-        raise ModelLoadError(f"{where}: lacks {len(missing)} weights that config.json implies, e.g. {missing[:3]}")
+    params = convert_state(state, expand_name_map(cfg), TRANSFORMS, cfg, param_shapes(cfg), where, pop=True)
     unused = [k for k in state if not k.endswith(_IGNORED_SUFFIXES) and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if unused:
         raise ModelLoadError(f"{where}: has {len(unused)} weights that config.json does not use, e.g. {unused[:3]} "

@@ -81,23 +81,56 @@ def expand_name_map(cfg: T5Config) -> list[tuple[str, str, str]]:
     return rows
 
 
-def hf_to_params(state: dict[str, np.ndarray], cfg: T5Config) -> dict[str, Any]:
-    """transformers state dict -> our nested parameter dict (fp32 numpy)."""
+def convert_state(state: dict[str, np.ndarray], rows: list[tuple[str, str, str]], transforms: dict[str, tuple],
+                  cfg: Any, shapes: dict[str, tuple[int, ...]], where: str, pop: bool = False) -> dict[str, Any]:
+    """A transformers state dict -> our nested parameter dict (fp32 numpy), walking the name
+    map's `rows` (our path, HF key, transform); every tensor must land in the shape `shapes`
+    gives our parameter (a config.json that disagrees with its weights is refused here, in
+    one line, not deep in the model's first call). `pop` drops tensors from `state` as they
+    are converted, so a checkpoint is not held twice."""
     params: dict[str, Any] = {}
     missing = []
-    for ours, theirs, how in expand_name_map(cfg):
+    for ours, theirs, how in rows:
         if theirs not in state:
             missing.append(theirs)
             continue
-        w = TRANSFORMS[how][0](np.asarray(state[theirs], np.float32), cfg)
+        hf = np.asarray(state.pop(theirs) if pop else state[theirs], np.float32)
+        try:
+            w = transforms[how][0](hf, cfg)
+        except ValueError:  # a reshape by config.json's heads that the tensor cannot take
+            w = None
+        if w is None or w.shape != shapes[ours]:
+            raise ModelLoadError(f"{where}: {theirs} has the wrong shape for config.json (expected "
+                                 f"{shapes[ours]} in our layout, found {hf.shape} in the checkpoint's)")
         node = params
         *parents, leaf = ours.split("/")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = w
     if missing:
-        raise ModelLoadError(f"checkpoint lacks {len(missing)} T5 weights, e.g. {missing[:3]}")
+        raise ModelLoadError(f"{where}: lacks {len(missing)} weights that config.json implies, e.g. {missing[:3]}")
     return params
+
+
+def traced_shapes(init: Callable[[], Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the parameters `init()` makes, by "/"-joined path, traced without
+    allocating them."""
+    import flax.linen as nn
+    import jax
+
+    abstract = nn.unbox(jax.eval_shape(init))
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    return {"/".join(k.key for k in path): tuple(x.shape) for path, x in flat}
+
+
+def hf_to_params(state: dict[str, np.ndarray], cfg: T5Config, where: str = "checkpoint") -> dict[str, Any]:
+    """transformers state dict -> our nested parameter dict (fp32 numpy)."""
+    import jax
+
+    from tinyllm_jax.model.t5 import init_params
+
+    shapes = traced_shapes(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    return convert_state(state, expand_name_map(cfg), TRANSFORMS, cfg, shapes, where)
 
 
 def params_to_hf(params: dict[str, Any], cfg: T5Config) -> dict[str, np.ndarray]:
@@ -232,7 +265,7 @@ def load_pretrained(name_or_path: str, dtype: str = "float32", tokenizer: bool =
     state = read_state_dict(model_dir)
     separate = "lm_head.weight" in state and not np.array_equal(state["lm_head.weight"], state.get("shared.weight"))
     cfg = config_from_hf(hf_cfg, separate, str(cfg_path)).replace(dtype=dtype)
-    params = hf_to_params(state, cfg)
+    params = hf_to_params(state, cfg, str(model_dir))
     tok = None
     if tokenizer:
         from tinyllm_jax.model.tokenizer import load_tokenizer
