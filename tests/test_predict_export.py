@@ -107,6 +107,42 @@ def test_export_shards_large_checkpoints(tmp_path, tiny_t5_dir):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def test_broken_weight_files_are_named_in_one_line(tmp_path, tiny_t5_dir):
+    """What an interrupted download or a hand-edited folder leaves: a shard the index names but
+    that is absent, a shard cut short, a malformed index, a .bin that is not a PyTorch file."""
+    from tinyllm_jax.model.hf import ModelLoadError, save_pretrained
+
+    _, params, tok, cfg = load_pretrained(str(tiny_t5_dir))
+    sharded = save_pretrained(params, cfg, tmp_path / "sharded", tok, max_shard_bytes=20_000)
+    first, second = sorted(sharded.glob("model-*.safetensors"))[:2]
+
+    def broken(name, edit):
+        path = tmp_path / name
+        shutil.copytree(sharded, path)
+        edit(path)
+        with pytest.raises(ModelLoadError) as err:
+            load_pretrained(str(path))
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    said = broken("missing", lambda p: (p / second.name).unlink())
+    assert said.endswith(f"model.safetensors.index.json: names 1 shard(s) that are not in {tmp_path / 'missing'}, "
+                         f"e.g. {second.name}"), said
+    said = broken("cut", lambda p: (p / first.name).write_bytes((p / first.name).read_bytes()[:100]))
+    assert f"cut/{first.name}: not a readable safetensors file (" in said and "cut short" in said, said
+    said = broken("index", lambda p: (p / "model.safetensors.index.json").write_text('{"weight_map": \n'))
+    assert said.endswith("index/model.safetensors.index.json:2: malformed JSON: Expecting value"), said
+    said = broken("no_map", lambda p: (p / "model.safetensors.index.json").write_text('{"metadata": {}}'))
+    assert 'expected an object with a "weight_map"' in said, said
+
+    def as_bin(p):
+        for f in p.glob("model*.safetensors*"):
+            f.unlink()
+        (p / "pytorch_model.bin").write_bytes(b"<html>404 Not Found</html>")  # a proxy's error page
+    said = broken("bin", as_bin)
+    assert "bin/pytorch_model.bin: not a readable PyTorch weights file (" in said, said
+
+
 def test_bad_inputs_give_clear_errors_and_no_output(tmp_path, tiny_t5_dir, capsys):
     out = tmp_path / "out.jsonl"
     good = tmp_path / "good.jsonl"

@@ -217,23 +217,36 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 def read_state_dict(model_dir: Path) -> dict[str, np.ndarray]:
     """All tensors of an HF checkpoint as fp32 numpy: safetensors (single or sharded), or
-    PyTorch .bin through torch's weights_only loader (no arbitrary unpickling)."""
+    PyTorch .bin through torch's weights_only loader (no arbitrary unpickling). A file cut
+    short (an interrupted download) or not a weights file is refused naming it."""
     files = _weight_files(model_dir)
     state: dict[str, np.ndarray] = {}
     for f in files:
         if f.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(f), framework="flax") as sf:
-                for k in sf.keys():
-                    state[k] = np.asarray(sf.get_tensor(k), dtype=np.float32)
+            try:
+                with safe_open(str(f), framework="flax") as sf:
+                    for k in sf.keys():
+                        state[k] = np.asarray(sf.get_tensor(k), dtype=np.float32)
+            except OSError:
+                raise
+            except Exception as e:  # safetensors' own error: a bad header, a truncated file
+                raise ModelLoadError(f"{f}: not a readable safetensors file ({e}); "
+                                     "if it was downloaded, the download may have been cut short") from None
         else:
             try:
                 import torch
             except ImportError:
                 raise ModelLoadError(f"{f}: PyTorch .bin weights need torch installed (loaded with weights_only=True); "
                                      "or convert the checkpoint to safetensors") from None
-            sd = torch.load(str(f), map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(str(f), map_location="cpu", weights_only=True)
+            except OSError:
+                raise
+            except Exception as e:  # a truncated archive, or a pickle that weights_only refuses
+                raise ModelLoadError(f"{f}: not a readable PyTorch weights file ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
             state.update({k: v.float().numpy() for k, v in sd.items()})
     return state
 
@@ -242,7 +255,18 @@ def _weight_files(model_dir: Path) -> list[Path]:
     for index_name in (WEIGHTS_INDEX, "pytorch_model.bin.index.json"):
         index = model_dir / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except json.JSONDecodeError as e:
+                raise ModelLoadError(f"{index}:{e.lineno}: malformed JSON: {e.msg}") from None
+            except (KeyError, TypeError, AttributeError):
+                raise ModelLoadError(f"{index}: expected an object with a \"weight_map\" of tensor name -> "
+                                     "shard file") from None
+            missing = [s for s in shards if not (model_dir / s).is_file()]
+            if missing:
+                raise ModelLoadError(f"{index}: names {len(missing)} shard(s) that are not in {model_dir}, "
+                                     f"e.g. {missing[0]}")
             return [model_dir / s for s in shards]
     for name in (WEIGHTS, "pytorch_model.bin"):
         if (model_dir / name).is_file():
