@@ -110,6 +110,39 @@ def test_failures_are_reported_and_a_rerun_sends_only_what_is_missing(tmp_path, 
     assert len(stub.bodies) == sent + 2 + 5
 
 
+def test_a_field_the_server_refuses_is_named_and_can_be_left_out(tmp_path, stub):
+    """OpenAI's reasoning models refuse `max_tokens` (they take `max_completion_tokens`) with a
+    400 that names it: the report says so and how to leave it out; `extra_body` with the field
+    set to null sends requests without it."""
+    def reasoning_model(body):
+        if "max_tokens" in body:
+            return 400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                                              "model. Use 'max_completion_tokens' instead.",
+                                   "type": "invalid_request_error", "param": "max_tokens",
+                                   "code": "unsupported_parameter"}}
+        return None
+
+    stub.refuse = reasoning_model
+    teacher = {"base_url": stub.url, "model": "o4-mini", "endpoint": "chat", "max_retries": 0, "concurrency": 1,
+               "max_consecutive_failures": 2}
+    report = generate_rationales(load(write_config(tmp_path, teacher, records=3, num_examples=0)))
+    error = report["teachers"]["t1"]["train"]["error"]
+    assert not report["complete"] and len(stub.bodies) == 2, report
+    assert "Unsupported parameter: 'max_tokens'" in error and "`extra_body: {FIELD: null}`" in error, error
+
+    stub.bodies.clear()
+    teacher["extra_body"] = {"max_tokens": None, "max_completion_tokens": 64}
+    report = generate_rationales(load(write_config(tmp_path, teacher, records=3, num_examples=0)))
+    assert report["complete"] and len(stub.bodies) == 3
+    assert all("max_tokens" not in b and b["max_completion_tokens"] == 64 for b in stub.bodies)
+
+    stub.refuse = lambda body: (400, {"error": {"message": "prompt is too long"}})  # not about a field: no hint
+    stub.bodies.clear()
+    report = generate_rationales(load(write_config(tmp_path / "other", teacher, records=3, num_examples=0)))
+    assert "prompt is too long" in report["teachers"]["t1"]["train"]["error"]
+    assert "extra_body" not in report["teachers"]["t1"]["train"]["error"]
+
+
 def test_a_dead_server_stops_the_run_early(tmp_path, stub):
     cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "max_retries": 0, "concurrency": 1,
                                   "max_consecutive_failures": 3}, records=8, examples=3, inputs=("train", "test"))

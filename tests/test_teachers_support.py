@@ -109,6 +109,7 @@ class StubServer:
         self.served = 0
         self.in_flight = self.max_in_flight = 0
         self.hold_after: int | None = None
+        self.refuse: Callable[[dict], tuple[int, dict] | None] | None = None  # (status, body) for a request
         self._release = threading.Event()
         self._lock = threading.Lock()
         stub = self
@@ -136,6 +137,9 @@ class StubServer:
                     stub.auth.append(self.headers.get("Authorization"))
                     fault = stub.faults.pop(0) if stub.faults else stub.always
                     hold = fault is None and stub.hold_after is not None and stub.served >= stub.hold_after
+                refusal = stub.refuse(body) if stub.refuse else None
+                if refusal is not None:
+                    return self._send(*refusal)
                 if fault == "drop":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True

@@ -152,7 +152,9 @@ class OpenAICompatible:
         else:
             body["prompt"] = job.prompt
         body.update(t.extra_body)
-        return body
+        # a field set to null in extra_body is not sent: hosted reasoning models refuse
+        # `max_tokens` (they take `max_completion_tokens`) and sampling settings
+        return {k: v for k, v in body.items() if v is not None}
 
     def run(self, jobs: list[Job], on_done: OnDone, on_fail: OnFail) -> RunStats:
         self.stats = RunStats()
@@ -208,6 +210,9 @@ class OpenAICompatible:
                     return self._text(r)
                 reason = f"HTTP {r.status_code}: {r.text[:300]}"
                 if r.status_code not in RETRY_STATUS and r.status_code < 500:
+                    if r.status_code in (400, 422) and _names_a_request_field(r.text):
+                        reason += ("; a field this server does not take can be left out of every request with "
+                                   "`extra_body: {FIELD: null}` (and another sent in its place)")
                     raise RequestFailed(reason)
                 retry_after = _seconds(r.headers.get("retry-after"))
             if attempt == t.max_retries:
@@ -241,6 +246,18 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
     if retry_after is not None:
         delay = max(delay, min(cap, retry_after))
     return delay
+
+
+_REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def _names_a_request_field(text: str) -> bool:
+    """Whether a refusal is about one of the fields we send (OpenAI's reasoning models: "Unsupported
+    parameter: 'max_tokens' ...", "Unsupported value: 'temperature' ...")."""
+    low = text.lower()
+    return any(f"'{f}'" in low or f'"{f}"' in low or f"`{f}`" in low for f in _REQUEST_FIELDS) and (
+        "unsupported" in low or "not supported" in low or "unrecognized" in low or "extra" in low
+        or "not permitted" in low or "invalid" in low)
 
 
 def _seconds(value: str | None) -> float | None:
