@@ -114,7 +114,7 @@ def test_a_field_the_server_refuses_is_named_and_can_be_left_out(tmp_path, stub)
     """OpenAI's reasoning models refuse `max_tokens` (they take `max_completion_tokens`) with a
     400 that names it: the report says so and how to leave it out; `extra_body` with the field
     set to null sends requests without it."""
-    def reasoning_model(body):
+    def reasoning_model(body, path):
         if "max_tokens" in body:
             return 400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
                                               "model. Use 'max_completion_tokens' instead.",
@@ -136,11 +136,38 @@ def test_a_field_the_server_refuses_is_named_and_can_be_left_out(tmp_path, stub)
     assert report["complete"] and len(stub.bodies) == 3
     assert all("max_tokens" not in b and b["max_completion_tokens"] == 64 for b in stub.bodies)
 
-    stub.refuse = lambda body: (400, {"error": {"message": "prompt is too long"}})  # not about a field: no hint
+    stub.refuse = lambda body, path: (400, {"error": {"message": "prompt is too long"}})  # not about a field: no hint
     stub.bodies.clear()
     report = generate_rationales(load(write_config(tmp_path / "other", teacher, records=3, num_examples=0)))
     assert "prompt is too long" in report["teachers"]["t1"]["train"]["error"]
     assert "extra_body" not in report["teachers"]["t1"]["train"]["error"]
+
+
+def test_a_404_says_whether_the_model_or_the_address_is_wrong(tmp_path, stub):
+    """vLLM answers an unknown model with 404 and says so; a base_url without /v1 gets a bare 404.
+    A base_url pasted with its endpoint is taken as its /v1."""
+    def vllm(body, path):
+        if not path.startswith("/v1/"):
+            return 404, {"detail": "Not Found"}
+        if body["model"] != "served":
+            return 404, {"object": "error", "message": f"The model `{body['model']}` does not exist.",
+                         "type": "NotFoundError", "code": 404}
+        return None
+
+    stub.refuse = vllm
+    root = stub.url.removesuffix("/v1")
+    teacher = {"endpoint": "chat", "max_retries": 0, "concurrency": 1, "max_consecutive_failures": 1}
+    for i, (base_url, model, said) in enumerate([
+            (stub.url, "Qwen/Qwen3-8B", f"the server does not serve model 'Qwen/Qwen3-8B': GET {stub.url}/models"),
+            (root, "served", f"nothing answers at {root}/chat/completions: base_url usually ends in /v1")]):
+        cfg = write_config(tmp_path / str(i), {**teacher, "base_url": base_url, "model": model}, records=2,
+                           num_examples=0)
+        error = generate_rationales(load(cfg))["teachers"]["t1"]["train"]["error"]
+        assert "HTTP 404" in error and said in error, error
+    stub.paths.clear()
+    cfg = write_config(tmp_path / "pasted", {**teacher, "base_url": stub.url + "/chat/completions/", "model": "served"},
+                       records=2, num_examples=0)
+    assert generate_rationales(load(cfg))["complete"] and set(stub.paths) == {"/v1/chat/completions"}
 
 
 def test_a_dead_server_stops_the_run_early(tmp_path, stub):

@@ -109,7 +109,8 @@ class StubServer:
         self.served = 0
         self.in_flight = self.max_in_flight = 0
         self.hold_after: int | None = None
-        self.refuse: Callable[[dict], tuple[int, dict] | None] | None = None  # (status, body) for a request
+        self.refuse: Callable[[dict, str], tuple[int, dict] | None] | None = None  # (status, body) for (body, path)
+        self.paths: list[str] = []
         self._release = threading.Event()
         self._lock = threading.Lock()
         stub = self
@@ -137,7 +138,9 @@ class StubServer:
                     stub.auth.append(self.headers.get("Authorization"))
                     fault = stub.faults.pop(0) if stub.faults else stub.always
                     hold = fault is None and stub.hold_after is not None and stub.served >= stub.hold_after
-                refusal = stub.refuse(body) if stub.refuse else None
+                with stub._lock:
+                    stub.paths.append(self.path)
+                refusal = stub.refuse(body, self.path) if stub.refuse else None
                 if refusal is not None:
                     return self._send(*refusal)
                 if fault == "drop":

@@ -114,7 +114,9 @@ class OpenAICompatible:
             raise ConfigError(f"teacher {teacher.name!r}: key 'model' is empty; name the served model")
         self.teacher = teacher
         self.stop = stop
-        self.url = teacher.base_url.rstrip("/") + ("/chat/completions" if teacher.endpoint == "chat" else "/completions")
+        # a base_url pasted with its endpoint (".../v1/chat/completions") is taken as its /v1
+        self.base = re.sub(r"/(chat/)?completions$", "", teacher.base_url.rstrip("/"))
+        self.url = self.base + ("/chat/completions" if teacher.endpoint == "chat" else "/completions")
         self._key = api_key
         self.stats = RunStats()
 
@@ -210,6 +212,8 @@ class OpenAICompatible:
                     return self._text(r)
                 reason = f"HTTP {r.status_code}: {r.text[:300]}"
                 if r.status_code not in RETRY_STATUS and r.status_code < 500:
+                    if r.status_code == 404:
+                        reason += _not_found_hint(r.text, self.base, self.url, t.model)
                     if r.status_code in (400, 422) and _names_a_request_field(r.text):
                         reason += ("; a field this server does not take can be left out of every request with "
                                    "`extra_body: {FIELD: null}` (and another sent in its place)")
@@ -258,6 +262,15 @@ def _names_a_request_field(text: str) -> bool:
     return any(f"'{f}'" in low or f'"{f}"' in low or f"`{f}`" in low for f in _REQUEST_FIELDS) and (
         "unsupported" in low or "not supported" in low or "unrecognized" in low or "extra" in low
         or "not permitted" in low or "invalid" in low)
+
+
+def _not_found_hint(text: str, base: str, url: str, model: str) -> str:
+    """What a 404 most likely means: a model the server does not serve (vLLM, hosted APIs say
+    so in the body), else a base_url without the /v1 that OpenAI-compatible servers serve under."""
+    low = text.lower()
+    if "model" in low and ("not exist" in low or "not found" in low or "unknown" in low or "no such" in low):
+        return f"; the server does not serve model {model!r}: GET {base}/models lists what it does"
+    return f"; nothing answers at {url}: base_url usually ends in /v1 (vLLM, transformers serve, llama.cpp, hosted APIs)"
 
 
 def _seconds(value: str | None) -> float | None:
