@@ -170,6 +170,18 @@ def test_a_404_says_whether_the_model_or_the_address_is_wrong(tmp_path, stub):
     assert generate_rationales(load(cfg))["complete"] and set(stub.paths) == {"/v1/chat/completions"}
 
 
+def test_a_401_says_whether_a_key_was_sent(tmp_path, stub, monkeypatch):
+    stub.refuse = lambda body, path: (401, {"error": {"message": "Incorrect API key provided."}})
+    teacher = {"base_url": stub.url, "model": "m", "max_retries": 0, "concurrency": 1, "max_consecutive_failures": 1}
+    error = generate_rationales(load(write_config(tmp_path / "a", teacher, records=2, num_examples=0)))
+    assert "no key was sent: name the environment variable holding it with api_key_env" in \
+        error["teachers"]["t1"]["train"]["error"]
+    monkeypatch.setenv("TINYLLM_TEST_KEY", "sk-wrong-123456")
+    cfg = write_config(tmp_path / "b", {**teacher, "api_key_env": "TINYLLM_TEST_KEY"}, records=2, num_examples=0)
+    error = generate_rationales(load(cfg))["teachers"]["t1"]["train"]["error"]
+    assert "the key in $TINYLLM_TEST_KEY was refused" in error and "sk-wrong" not in error
+
+
 def test_a_dead_server_stops_the_run_early(tmp_path, stub):
     cfg = write_config(tmp_path, {"base_url": stub.url, "model": "m", "max_retries": 0, "concurrency": 1,
                                   "max_consecutive_failures": 3}, records=8, examples=3, inputs=("train", "test"))

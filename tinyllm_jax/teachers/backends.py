@@ -212,6 +212,9 @@ class OpenAICompatible:
                     return self._text(r)
                 reason = f"HTTP {r.status_code}: {r.text[:300]}"
                 if r.status_code not in RETRY_STATUS and r.status_code < 500:
+                    if r.status_code in (401, 403):
+                        reason += (f"; the key in ${t.api_key_env} was refused" if self._key else
+                                   "; no key was sent: name the environment variable holding it with api_key_env")
                     if r.status_code == 404:
                         reason += _not_found_hint(r.text, self.base, self.url, t.model)
                     if r.status_code in (400, 422) and _names_a_request_field(r.text):
