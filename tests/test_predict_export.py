@@ -107,6 +107,48 @@ def test_export_shards_large_checkpoints(tmp_path, tiny_t5_dir):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+def test_export_over_an_earlier_export_replaces_it_whole(tmp_path, tiny_t5_dir, capsys, monkeypatch):
+    """An earlier export sharded otherwise leaves no weight file behind (its index would be read
+    instead of the new file); its model card stays; a crash mid-export leaves it as it was; a
+    run's folder, a file and the current folder are refused."""
+    import tinyllm_jax.model.hf as hf
+
+    _, params, tok, cfg = load_pretrained(str(tiny_t5_dir))
+    out = tmp_path / "hf"
+    hf.save_pretrained(jax.tree.map(lambda x: x * 0, params), cfg, out, tok, max_shard_bytes=20_000)
+    (out / "README.md").write_text("my model card")
+    assert (out / "model.safetensors.index.json").is_file()
+
+    def broken(*a):
+        raise RuntimeError("the machine went down")
+    with monkeypatch.context() as m:  # a crash after the weights were written
+        m.setattr(hf, "config_to_hf", broken)
+        with pytest.raises(RuntimeError):
+            main(["export", str(tiny_t5_dir), str(out)])
+    assert (out / "model.safetensors.index.json").is_file() and (out / "README.md").is_file()
+    assert list(tmp_path.glob(".hf.export-*"))  # the crashed export's folder, hidden
+
+    assert main(["export", str(tiny_t5_dir), str(out)]) == 0
+    assert not list(tmp_path.glob(".hf.export-*")) and (out / "README.md").read_text() == "my model card"
+    assert not list(out.glob("model-*")) and not (out / "model.safetensors.index.json").exists()
+    for x, y in zip(jax.tree.leaves(load_pretrained(str(out))[1]), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(x, y)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run_dir: run\n")
+    capsys.readouterr()
+    assert main(["export", str(tiny_t5_dir), str(run)]) == 2
+    assert "is a training run's folder; export into another folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    (tmp_path / "file").write_text("x")
+    assert main(["export", str(tiny_t5_dir), str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.chdir(out)
+    assert main(["export", str(tiny_t5_dir), "."]) == 2
+    assert "is the current folder or holds it" in capsys.readouterr().err
+
+
 def test_broken_weight_files_are_named_in_one_line(tmp_path, tiny_t5_dir):
     """What an interrupted download or a hand-edited folder leaves: a shard the index names but
     that is absent, a shard cut short, a malformed index, a .bin that is not a PyTorch file."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -178,12 +179,48 @@ def load_pretrained(name_or_path: str, dtype: str = "float32", tokenizer: bool =
     return decoder_hf.load_pretrained(str(model_dir), dtype=dtype, tokenizer=tokenizer)
 
 
+# the files of a checkpoint's weights: one left from an earlier export beside new ones would be
+# read instead of them (an index beside a new unsharded file is read first, by us and transformers)
+WEIGHT_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
 def save_pretrained(params: Any, arch: Any, out_dir: str | Path, tokenizer=None) -> Path:
-    """An HF checkpoint of either family: config.json, weights, generation config, tokenizer."""
+    """An HF checkpoint of either family: config.json, weights, generation config, tokenizer.
+
+    Written into a hidden sibling folder and swapped in whole: a crash leaves the earlier export
+    as it was, and no weight file of an earlier export (another sharding) stays beside the new
+    ones. Other files of the earlier export (a model card) are kept. A training run's own folder
+    is refused."""
+    import os
+    import shutil
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; name a folder to export into")
+    if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
+        raise UserError(f"{out}: is a training run's folder; export into another folder (nothing was written)")
+    full = Path(os.path.abspath(out))  # "." and "a/.." have no name to put a sibling beside
+    if Path.cwd() == full or full in Path.cwd().parents:
+        raise UserError(f"{out}: is the current folder or holds it; export into a folder of its own")
+    full.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in full.parent.glob(f".{full.name}.export-*"):  # of an export that crashed
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = full.parent / f".{full.name}.export-{os.getpid()}"
     if family_of(arch) is T5_FAMILY:
-        from tinyllm_jax.model.hf import save_pretrained as save_t5
+        from tinyllm_jax.model.hf import save_pretrained as save_family
+    else:
+        from tinyllm_jax.model.decoder_hf import save_pretrained as save_family
+    save_family(params, arch, staging, tokenizer)
+    if full.is_dir():
+        for path in full.iterdir():
+            if not (staging / path.name).exists() and not WEIGHT_FILES.fullmatch(path.name):
+                os.replace(path, staging / path.name)
+        replaced = full.parent / f".{full.name}.export-{os.getpid()}-replaced"
+        os.replace(full, replaced)
+        os.replace(staging, full)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(staging, full)
+    return out
 
-        return save_t5(params, arch, out_dir, tokenizer)
-    from tinyllm_jax.model.decoder_hf import save_pretrained as save_decoder
 
-    return save_decoder(params, arch, out_dir, tokenizer)
