@@ -344,6 +344,19 @@ def test_letters_and_embedded_choices():
     assert letter_answer("E", ["x", "y"]) is None
 
 
+def test_files_resaved_on_windows_convert_as_the_originals(tinyllm_src, tmp_path):
+    """A gold file re-saved with a UTF-8 byte-order mark, a teacher shard as UTF-16 (PowerShell's
+    `>`): the records equal those of the untouched files."""
+    convert("tinyllm", tinyllm_src, tmp_path / "plain")
+    want = records(tmp_path / "plain", "obqa", "train")
+    gold = tinyllm_src / "tinyllm" / "obqa" / "obqa_train.json"
+    gold.write_bytes(b"\xef\xbb\xbf" + gold.read_bytes())
+    shard = tinyllm_src / "tinyllm" / "obqa" / "llm" / "train_CoT_0.json"
+    shard.write_bytes(shard.read_text(encoding="utf-8").encode("utf-16"))
+    convert("tinyllm", tinyllm_src, tmp_path / "windows")
+    assert records(tmp_path / "windows", "obqa", "train") == want and want[0]["rationales"]["llama"]
+
+
 # ------------------------------------------------------------------ bad input
 
 

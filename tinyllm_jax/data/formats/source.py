@@ -77,7 +77,14 @@ def numbered(paths: list[Path], pattern: str) -> list[Path]:
 
 
 def _decode(path: Path) -> str:
+    """UTF-8 (a byte-order mark dropped), or UTF-16 where its byte-order mark says so (a file
+    re-saved by a Windows tool)."""
     data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16").removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{path}: UTF-16 (by its byte-order mark) but not valid UTF-16 at byte {e.start}") from None
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
