@@ -258,3 +258,35 @@ def test_overrides_index_lists(tmp_path):
     assert cfg.data.streams[1].weight == 2.0 and cfg.data.streams[2].prefix == "why: "
     with pytest.raises(ConfigError, match=r"data.streams is a list of 3; '7' is not an index"):
         load_config(ROOT / "configs" / "demo.yaml", ["data.streams.7.weight=2"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=-5", "key 'train.steps': expected a whole number at least 1, found -5"),  # trained 0 steps
+    ("train.batch_size=0", "key 'train.batch_size': expected a whole number at least 1, found 0"),  # RecursionError
+    ("data.decoder_length=0", "key 'data.decoder_length': expected a whole number at least 1"),  # OverflowError
+    ("checkpoint.every_steps=0", "key 'checkpoint.every_steps': expected a whole number at least 1"),  # step % 0
+    ("optim.learning_rate=-1e-3", "key 'optim.learning_rate': expected a number at least 0, found -0.001"),
+    ("data.streams.0.weight=-1", "key 'data.streams[0].weight': expected a number at least 0"),
+    ("model.dropout_rate=1.5", "key 'model.dropout_rate': expected a number at least 0 and below 1, found 1.5"),
+    ("optim.clip_norm=0", "key 'optim.clip_norm': expected a number above 0, found 0.0"),
+    ("eval.every_steps=-1", "key 'eval.every_steps': expected a whole number at least 0"),
+    ("rationales.teachers=[{name: t, top_p: 2}]", "key 'rationales.teachers[0].top_p': expected a number at least 0 and at most 1"),
+])
+def test_numbers_out_of_range_are_refused_naming_the_key(override, message):
+    """Each was accepted and trained the wrong way, or failed deep in the run with a traceback."""
+    from tinyllm_jax.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "demo.yaml", [override])
+    assert str(err.value) == f"override {override!r}: {message}" or message in str(err.value), str(err.value)
+    assert load_config(ROOT / "configs" / "demo.yaml", ["eval.every_steps=0", "data.streams.0.weight=0"])  # 0: off
+
+
+def test_recipe_numbers_out_of_range_are_refused_naming_the_key():
+    from tinyllm_jax.config import ConfigError
+    from tinyllm_jax.recipes.config import load_recipe
+
+    for override, message in [("fair.rounds=0", "key 'fair.rounds': expected a whole number at least 1, found 0"),
+                              ("fair.replay=1.5", "key 'fair.replay': expected a number at least 0 and at most 1")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_recipe(str(ROOT / "configs" / "recipes" / "demo_fair.yaml"), [override])

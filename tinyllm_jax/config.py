@@ -300,6 +300,60 @@ class Config:
     demo: dict[str, Any] = field(default_factory=dict)  # options of the embedded demo data
 
 
+# --------------------------------------------------------------------------- ranges
+
+# The numbers a key admits, beyond its type: (lowest, highest, highest included). A negative
+# learning rate or stream weight trains the wrong way without a word; a batch, a row length or
+# a checkpoint interval of 0 failed deep inside the run. Keys not listed take any value of
+# their type (mesh.data's -1 means "the rest of the devices").
+ANY = float("inf")
+COUNT, NONNEG, FRACTION, PROBABILITY = (1, ANY, True), (0, ANY, True), (0, 1, False), (0, 1, True)
+RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "ModelConfig": {k: COUNT for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
+                                        "num_heads", "relative_attention_num_buckets",
+                                        "relative_attention_max_distance", "num_kv_heads", "max_position_embeddings",
+                                        "train_tokenizer_vocab")}
+                   | {"dropout_rate": FRACTION, "layer_norm_epsilon": NONNEG, "rope_theta": NONNEG},
+    "StreamConfig": {"weight": NONNEG},
+    "DataConfig": {k: COUNT for k in ("max_input_length", "max_target_length", "encoder_length", "decoder_length",
+                                       "sequence_length", "max_segments_per_row")}
+                  | {"validation_from_train": FRACTION},
+    "MeshConfig": {"fsdp": COUNT, "tensor": COUNT},
+    "OptimConfig": {"learning_rate": NONNEG, "warmup_steps": NONNEG, "weight_decay": NONNEG, "b1": FRACTION,
+                    "b2": FRACTION, "eps": NONNEG, "clip_norm": NONNEG, "grad_accum_steps": COUNT,
+                    "z_loss": NONNEG, "label_smoothing": FRACTION, "schedule_offset": NONNEG,
+                    "schedule_steps": COUNT, "loss_chunk_length": NONNEG},
+    "CheckpointConfig": {"every_steps": COUNT, "keep": COUNT},
+    "EvalConfig": {"every_steps": NONNEG, "max_new_tokens": COUNT, "batch_size": COUNT, "max_examples": COUNT},
+    "KDTeacherConfig": {"top_k": COUNT, "weight": NONNEG, "temperature": NONNEG, "jsd_beta": PROBABILITY},
+    "DistillConfig": {"weight": NONNEG, "temperature": NONNEG, "jsd_beta": PROBABILITY,
+                      "logits_shard_examples": COUNT},
+    "TrainConfig": {"steps": COUNT, "batch_size": COUNT, "log_every": COUNT},
+    "TeacherConfig": {"num_samples": COUNT, "temperature": NONNEG, "top_k": NONNEG, "top_p": PROBABILITY,
+                      "max_tokens": COUNT, "concurrency": COUNT, "timeout_s": NONNEG, "max_retries": NONNEG,
+                      "backoff_s": NONNEG, "max_backoff_s": NONNEG, "max_consecutive_failures": COUNT,
+                      "batch_size": COUNT, "max_input_tokens": COUNT, "error_rate": PROBABILITY},
+    "RationalesConfig": {"num_examples": NONNEG, "zero_shot_pool": NONNEG},
+}
+# the keys that must be above their lowest value, not at it (0 would divide or do nothing)
+ABOVE = {"ModelConfig": {"layer_norm_epsilon", "rope_theta"}, "OptimConfig": {"clip_norm"},
+         "KDTeacherConfig": {"temperature"}, "DistillConfig": {"temperature"}, "TeacherConfig": {"timeout_s"}}
+
+
+def _check_range(cls: type, key: str, value: Any, where: str, dotted: str) -> None:
+    bounds = RANGES.get(cls.__name__, {}).get(key)
+    if bounds is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    low, high, high_included = bounds
+    above = key in ABOVE.get(cls.__name__, ())
+    ok = (value > low if above else value >= low) and (value <= high if high_included else value < high)
+    if not ok:
+        lo = f"above {low:g}" if above else f"at least {low:g}"
+        hi = "" if high == ANY else f" and {'at most' if high_included else 'below'} {high:g}"
+        kind = "a whole number" if isinstance(value, int) else "a number"
+        raise ConfigError(f"{where}: key {dotted!r}: expected {kind} {lo}{hi}, found {value!r}")
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -404,6 +458,7 @@ def from_dict(cls: type, data: Any, where: str = "<config>", prefix: str = "") -
                 f"{where}: unknown key {dotted!r}{hint} (known keys here: {', '.join(fields)})"
             )
         kwargs[key] = _coerce(hints[key], value, where, dotted)
+        _check_range(cls, key, kwargs[key], where, dotted)
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

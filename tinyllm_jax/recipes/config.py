@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from tinyllm_jax.config import Config, ConfigError, ModelConfig, OptimConfig, TrainConfig, load_config, to_dict
+from tinyllm_jax.config import (COUNT, NONNEG, PROBABILITY, RANGES, Config, ConfigError, ModelConfig, OptimConfig,
+                                TrainConfig, load_config, to_dict)
 
 SPLITS = ("train", "validation", "test")
 
@@ -118,6 +119,15 @@ class MentorConfig:
     # > 0: a `logits` stage runs the mentor once and stores its top-k soft labels for every
     # training example; the student reads them instead of running the mentor in every step
     soft_labels_top_k: int = 0
+
+
+RANGES.update({
+    "Sampling": {"num_samples": COUNT, "temperature": NONNEG, "top_p": PROBABILITY, "top_k": NONNEG, "max_tokens": COUNT},
+    "FairConfig": {"rounds": COUNT, "warmup_steps": NONNEG, "replay": PROBABILITY, "mine_temperature": NONNEG,
+                   "mine_top_p": PROBABILITY},
+    "MentorConfig": {"samples": COUNT, "temperature": NONNEG, "top_k": NONNEG, "top_p": PROBABILITY,
+                     "max_new_tokens": COUNT, "soft_labels_top_k": NONNEG},
+})
 
 
 @dataclass
