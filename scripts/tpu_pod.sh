@@ -115,14 +115,17 @@ train() {
   mkdir -p "$STATE_DIR"
   printf '%s\0' "$@" > "$ARGS_FILE"  # for `resume`, NUL-separated
   # the job's shell (not the login shell) expands $HOME and $?: its text is quoted once more
-  local job="TINYLLM_DISTRIBUTED=1 \"\$HOME\"/.local/bin/tinyllm train$(printf ' %q' "$@") > train.log 2>&1; echo \$? > train.exit"
+  # the job's shell keeps its pid in train.pid: the check asks after this job, not any `tinyllm train`
+  local job="echo \$\$ > train.pid; TINYLLM_DISTRIBUTED=1 \"\$HOME\"/.local/bin/tinyllm train$(printf ' %q' "$@") > train.log 2>&1; echo \$? > train.exit"
   # only the job goes to the background, its output away from ssh: ssh returns at once
   on_all "cd $REMOTE_DIR && rm -f train.exit && { nohup bash -c $(printf '%q' "$job") < /dev/null > /dev/null 2>&1 & }"
 }
 
-training() {  # running, finished or stopped: `tinyllm train` on worker 0 ([t]: not this shell itself)
+training() {  # running, finished or stopped: the job `train` started on worker 0
   local check="cd $REMOTE_DIR 2>/dev/null || { echo stopped; exit; };"
-  check+=" if pgrep -f '[t]inyllm train' > /dev/null; then echo running;"
+  # running: the job's shell is alive and still that job (a pid reused after a reboot is not)
+  check+=" pid=\$(cat train.pid 2>/dev/null);"
+  check+=" if [ -n \"\$pid\" ] && tr '\\0' ' ' < /proc/\$pid/cmdline 2>/dev/null | grep -q 'tinyllm train'; then echo running;"
   check+=" elif [ \"\$(cat train.exit 2>/dev/null)\" = 0 ] && ! tail -n 20 train.log | grep -q 'SIGTERM: saved step'; then echo finished;"
   check+=" else echo stopped; fi"
   query "${DRY_RUN_TRAINING:-stopped}" gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=0 --command="$check"

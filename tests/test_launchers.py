@@ -38,7 +38,7 @@ printf '%q ' {tool} "$@" | sed 's/ $//' >> {shlex.quote(str(log))}; echo >> {shl
 case "$*" in
   *queued-resources\ describe*) grep -q ' create ' {shlex.quote(str(log))} && echo ACTIVE || echo "$FAKE_STATE" ;;
   *describe*) grep -q ' create ' {shlex.quote(str(log))} && echo READY || echo "$FAKE_STATE" ;;
-  *pgrep*) echo "${{FAKE_TRAINING:-stopped}}" ;;
+  */proc/*) echo "${{FAKE_TRAINING:-stopped}}" ;;
 esac
 [[ {tool} == srun ]] && env | grep -E '^(TINYLLM_DISTRIBUTED|JAX_LOCAL_DEVICE_IDS)=' | sort >> {shlex.quote(str(log))}
 exit 0
@@ -61,7 +61,7 @@ def is_remote_train(command: list[str]) -> bool:
     assert remote[:11] == ["cd", "tinyllm-jax", "&&", "rm", "-f", "train.exit", "&&", "{", "nohup", "bash", "-c"]
     assert remote[12:] == ["<", "/dev/null", ">", "/dev/null", "2>&1", "&", "}"], remote
     job = shlex.split(remote[11])
-    assert job == ["TINYLLM_DISTRIBUTED=1", "$HOME/.local/bin/tinyllm", "train", *TRAIN_ARGS,
+    assert job == ["echo", "$$", ">", "train.pid;", "TINYLLM_DISTRIBUTED=1", "$HOME/.local/bin/tinyllm", "train", *TRAIN_ARGS,
                    ">", "train.log", "2>&1;", "echo", "$?", ">", "train.exit"], job
     return True
 
@@ -112,7 +112,7 @@ def test_tpu_pod_resume_recreates_what_a_preemption_took_and_reruns_the_same_tra
     dry = sh("tpu_pod.sh", "--dry-run", "resume", env={**env, "DRY_RUN_STATE": state, "DRY_RUN_TRAINING": training})
     real = sh("tpu_pod.sh", "resume", env=env)
     assert dry.returncode == 0 and real.returncode == 0, (dry.stderr, real.stderr)
-    ran = [c for c in commands(log.read_text()) if not any("describe" in a or "pgrep" in a for a in c)]
+    ran = [c for c in commands(log.read_text()) if not any("describe" in a or "/proc/" in a for a in c)]
     printed = commands(dry.stdout)
     assert [c for c in printed if c[0] == "gcloud"] == ran  # the dry run printed what runs (tar ran for real)
     assert ("tar" in expect) == (tmp_path / "src.tgz").is_file() == any(c[0] == "tar" for c in printed)
@@ -229,4 +229,11 @@ def test_tpu_pod_remote_commands_work_in_a_shell(tmp_path):
     started = time.time()
     shell(train, FAKE_SLEEP="5")
     assert time.time() - started < 4  # the command returned while the job runs (ssh would too)
+    deadline = time.time() + 3  # (the detached job writes its pid a moment later)
+    while shell(check) != "running" and time.time() < deadline:
+        time.sleep(0.05)
     assert shell(check) == "running"
+    # train.pid naming another process (its pid reused after a reboot) is not this job, though a
+    # process named `tinyllm train` runs (the job's, still asleep: a machine-wide pgrep said running)
+    (work / "train.pid").write_text(str(os.getpid()) + "\n")
+    assert shell(check) == "stopped"
