@@ -4,6 +4,7 @@ mapping, and every kind of bad input named by file and line (or skipped and repo
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -62,6 +63,20 @@ def test_missing_required_field_is_an_error_naming_the_field(tmp_path):
         load_records(path)
     recs, skipped = load_records(path, lenient=True)
     assert [r["id"] for r in recs] == ["r0"] and "missing required field 'question'" in skipped[0]
+
+
+def test_numeric_answers_are_their_decimal_text_and_booleans_are_named(tmp_path):
+    """SVAMP writes 13.0, GSM8K-style files 72: numbers are the answer's text; true/false are
+    refused with what to write instead (a yes/no task's answers are words)."""
+    path = tmp_path / "r.jsonl"
+    write_lines(path, [json.dumps({"id": i, "question": "q?", "answer": a}) for i, a in enumerate([13.0, 72, 2.5, -4])])
+    assert [r["answer"] for r in load_records(path)[0]] == ["13", "72", "2.5", "-4"]
+    for bad, said in [(True, 'found true (write "yes" or "no"'), (None, "expected a string or a number, found None"),
+                      ([1], "expected a string or a number, found [1]")]:
+        write_lines(path, [json.dumps({"id": "a", "question": "q?", "answer": "1"}),
+                           json.dumps({"id": "b", "question": "q?", "answer": bad})])
+        with pytest.raises(RecordError, match=r"r.jsonl:2: field 'answer': .*" + re.escape(said)):
+            load_records(path)
 
 
 def test_non_utf8_row_is_named_and_only_that_row_is_skipped(tmp_path):

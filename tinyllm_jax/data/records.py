@@ -21,6 +21,7 @@ the line of a bad row nor skip one, and both are promised to users (`lenient`).
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -74,9 +75,9 @@ def validate_record(obj: Any, where: str) -> dict[str, Any]:
     for k in REQUIRED:
         if k not in obj:
             raise RecordError(f"{where}: missing required field {k!r}")
-    for k in ("question", "answer"):
-        if not isinstance(obj[k], str):
-            raise RecordError(f"{where}: field {k!r}: expected a string, found {obj[k]!r:.60}")
+    obj["answer"] = _answer_text(obj["answer"], where)
+    if not isinstance(obj["question"], str):
+        raise RecordError(f"{where}: field 'question': expected a string, found {obj['question']!r:.60}")
     obj["id"] = str(obj["id"])
     if obj.get("context") is None:
         obj.pop("context", None)
@@ -91,6 +92,19 @@ def validate_record(obj: Any, where: str) -> dict[str, Any]:
     if "teacher_answers" in obj:
         obj["teacher_answers"] = _texts_by_teacher(obj, "teacher_answers", where)
     return obj
+
+
+def _answer_text(value: Any, where: str) -> str:
+    """The gold answer as text; a JSON number (SVAMP's 13.0, GSM8K-style 72) is its decimal
+    text, a whole number without a fraction ("13")."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise RecordError(f"{where}: field 'answer': expected a string, found {json.dumps(value)} "
+                          '(write "yes" or "no" for a yes/no question, with eval.task: yesno)')
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    raise RecordError(f"{where}: field 'answer': expected a string or a number, found {value!r:.60}")
 
 
 def _texts_by_teacher(obj: dict[str, Any], key: str, where: str) -> dict[str, list[str]]:
