@@ -98,6 +98,41 @@ def test_resuming_on_other_training_records_is_refused_unless_allowed(tmp_path, 
     assert main(["train", str(config), "train.steps=6"]) == 0  # the new records are the run's records now
 
 
+def test_a_second_command_in_a_run_directory_in_use_is_refused(tmp_path, tok_dir, capsys):  # noqa: F811
+    """`tinyllm train` or `recipe` on a RUN_DIR another command holds (a second terminal, a
+    requeued job whose first copy still runs) is refused, naming the holder, and writes
+    nothing; the holder's exit (even SIGKILL: the kernel drops the lock) frees it."""
+    from tinyllm_jax.runtime import run_lock
+
+    config = files_config(tmp_path, tok_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from tinyllm_jax.runtime import run_lock\n"
+                               "with run_lock.hold(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(600)",
+                               str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(run)
+        assert main(["train", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"run_dir = {run}: in use by another tinyllm command (pid {holder.pid} on " in err, err
+        assert "wait for it to end, or stop it, then rerun this one" in err
+        assert snapshot(run) == before and not (run / "config.yaml").exists()
+
+        recipe_dir = tmp_path / "recipe"
+        recipe_dir.mkdir()
+        cfg = write_recipe(tmp_path / "r.yaml", recipe_dir, export={"enabled": False})
+        with run_lock.hold(recipe_dir):  # another open file: refused even within one process
+            assert main(["recipe", str(cfg)]) == 2
+        assert f"run_dir = {recipe_dir}: in use by another tinyllm command (pid {os.getpid()}" in capsys.readouterr().err
+        assert sorted(p.name for p in recipe_dir.iterdir()) == [run_lock.LOCK_NAME]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert main(["train", str(config)]) == 0  # the killed holder's lock is gone with it
+
+
 # ------------------------------------------------------------------ item 2: Ctrl-C
 
 

@@ -25,9 +25,13 @@ def method_module(cfg: RecipeConfig):
 
 def recipe_command(config: str, overrides: list[str], dry_run: bool = False, only: str | None = None) -> dict[str, Any]:
     """Runs (or, with `dry_run`, describes) the recipe; writes and prints its summary."""
+    import contextlib
+
     from tinyllm_jax.config import save_config
-    from tinyllm_jax.errors import check_writable_dir, make_dir
+    from tinyllm_jax.errors import check_writable_dir
+    from tinyllm_jax.runtime import distributed
     from tinyllm_jax.train.loop import setup_logging
+    from tinyllm_jax.train.start import lock_run_dir
 
     setup_logging()
     cfg = load_recipe(config, overrides)
@@ -36,12 +40,16 @@ def recipe_command(config: str, overrides: list[str], dry_run: bool = False, onl
     check_writable_dir(run_dir, "run_dir")
     if dry_run:
         print(f"recipe {cfg.method} in {run_dir}: {len(stages)} stages")
-    else:
-        make_dir(run_dir, "run_dir")
+        return {"stages": [s.__dict__ for s in run_stages(stages, run_dir, dry_run=True, only=only)]}
+    # one recipe command at a time in RUN_DIR (runtime/run_lock.py); its training stages lock their own
+    with lock_run_dir(run_dir) if distributed.is_primary() else contextlib.nullcontext():
         save_config(cfg, run_dir / "recipe.yaml")
-    statuses = run_stages(stages, run_dir, dry_run=dry_run, only=only)
-    if dry_run:
-        return {"stages": [s.__dict__ for s in statuses]}
+        run_stages(stages, run_dir, only=only)
+        return _summarise(cfg, stages, run_dir)
+
+
+def _summarise(cfg: RecipeConfig, stages: list[Stage], run_dir: Path) -> dict[str, Any]:
+    """The recipe's summary.json and its one line (FAIR: a report per round first)."""
     summary = recipe_summary(cfg, stages)
     report = getattr(method_module(cfg), "report", None)
     if report is not None:  # FAIR: a report per round

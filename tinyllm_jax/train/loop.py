@@ -7,6 +7,7 @@ their configs (streams, weights) and in the data stages that run before it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -276,7 +277,8 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
     before RUN_DIR is written (train/start.py); a finished run is not run again. SIGINT and
     SIGTERM save the step and raise `Interrupted`, which names the step a rerun resumes from."""
     try:
-        return _train(cfg, evaluate_test)
+        with contextlib.ExitStack() as held:  # the run directory's lock, while the run runs
+            return _train(cfg, evaluate_test, held)
     except KeyboardInterrupt:  # Ctrl-C outside the loop, or a second one before the save
         from tinyllm_jax.train.start import latest_checkpoint
 
@@ -285,7 +287,7 @@ def train(cfg: Config, evaluate_test: bool = True) -> dict[str, Any]:
         raise Interrupted(f"SIGINT: stopped without saving; rerun the same command to {where}", 130) from None
 
 
-def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
+def _train(cfg: Config, evaluate_test: bool, held: contextlib.ExitStack) -> dict[str, Any]:
     import tempfile
 
     from tqdm.auto import tqdm
@@ -306,7 +308,8 @@ def _train(cfg: Config, evaluate_test: bool) -> dict[str, Any]:
         distributed.barrier("run directory written")
     with tempfile.TemporaryDirectory(prefix="tinyllm-start-") as scratch:
         prepared = run_start.prepare(cfg, run_dir, Path(scratch), primary)
-        if primary:
+        if primary:  # one command at a time in a run directory (runtime/run_lock.py)
+            held.enter_context(run_start.lock_run_dir(run_dir))
             run_start.commit(prepared, run_dir)
             distributed.barrier("run directory written")
     cfg, arch, mesh, data = prepared.cfg, prepared.arch, prepared.mesh, prepared.data

@@ -221,6 +221,15 @@ def commit(p: Prepared, run_dir: Path) -> None:
         raise path_error("run_dir", target, e) from None
 
 
+def lock_run_dir(run_dir: Path, key: str = "run_dir"):
+    """The run directory made (its parents checked before) and held by this process alone,
+    as a context manager: another command in it is refused (runtime/run_lock.py)."""
+    from tinyllm_jax.runtime import run_lock
+
+    make_dir(run_dir, key)
+    return run_lock.hold(run_dir, key)
+
+
 def check_run_dir(run_dir: Path) -> None:
     """`run_dir` can be written (it is no file, its parents are folders we may write in)."""
     check_writable_dir(run_dir, "run_dir")
