@@ -270,7 +270,7 @@ def test_overrides_index_lists(tmp_path):
     ("model.dropout_rate=1.5", "key 'model.dropout_rate': expected a number at least 0 and below 1, found 1.5"),
     ("optim.clip_norm=0", "key 'optim.clip_norm': expected a number above 0, found 0.0"),
     ("eval.every_steps=-1", "key 'eval.every_steps': expected a whole number at least 0"),
-    ("rationales.teachers=[{name: t, top_p: 2}]", "key 'rationales.teachers[0].top_p': expected a number at least 0 and at most 1"),
+    ("rationales.teachers=[{name: t, top_p: 2}]", "key 'rationales.teachers[0].top_p': expected a number above 0 and at most 1"),
 ])
 def test_numbers_out_of_range_are_refused_naming_the_key(override, message):
     """Each was accepted and trained the wrong way, or failed deep in the run with a traceback."""

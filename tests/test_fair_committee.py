@@ -176,4 +176,7 @@ def test_per_stage_sampling_as_the_readme_shows_it(tmp_path, capsys):
     assert (review.num_samples, review.temperature) == (1, 0.0)
     assert sampled(t, dataclasses.replace(f.review_sampling, num_samples=3), review=True).num_samples == 3
     assert main(["recipe", str(path), "fair.review_sampling.num_samples=0", "--dry-run"]) == 2
-    assert "fair.review_sampling.num_samples: expected >= 1, found 0" in capsys.readouterr().err
+    assert "key 'fair.review_sampling.num_samples': expected a whole number at least 1, found 0" in capsys.readouterr().err
+    assert main(["recipe", str(path), "fair.rationale_sampling.top_p=0", "--dry-run"]) == 2
+    assert "key 'fair.rationale_sampling.top_p': expected a number above 0 and at most 1, found 0.0" in \
+        capsys.readouterr().err

@@ -134,6 +134,16 @@ def test_export_over_an_earlier_export_replaces_it_whole(tmp_path, tiny_t5_dir, 
     for x, y in zip(jax.tree.leaves(load_pretrained(str(out))[1]), jax.tree.leaves(params)):
         np.testing.assert_array_equal(x, y)
 
+    link = tmp_path / "latest"  # a link to the export stays a link to it
+    link.symlink_to(out)
+    assert main(["export", str(tiny_t5_dir), str(link)]) == 0
+    assert link.is_symlink() and (out / "README.md").is_file() and (out / "model.safetensors").is_file()
+    odd = tmp_path / "model [v2]"  # glob characters: only this folder's leftovers are cleared
+    (tmp_path / ".model [v2].export-123").mkdir()
+    (tmp_path / ".model v.export-9").mkdir()  # "model v"'s, which the unescaped pattern matched
+    assert main(["export", str(tiny_t5_dir), str(odd)]) == 0
+    assert not (tmp_path / ".model [v2].export-123").exists() and (tmp_path / ".model v.export-9").is_dir()
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("run_dir: run\n")

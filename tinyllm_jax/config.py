@@ -337,7 +337,8 @@ RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
 }
 # the keys that must be above their lowest value, not at it (0 would divide or do nothing)
 ABOVE = {"ModelConfig": {"layer_norm_epsilon", "rope_theta"}, "OptimConfig": {"clip_norm"},
-         "KDTeacherConfig": {"temperature"}, "DistillConfig": {"temperature"}, "TeacherConfig": {"timeout_s"}}
+         "KDTeacherConfig": {"temperature"}, "DistillConfig": {"temperature"}, "TeacherConfig": {"timeout_s", "top_p"},
+         "Sampling": {"top_p"}, "FairConfig": {"mine_top_p"}, "MentorConfig": {"top_p"}}
 
 
 def _check_range(cls: type, key: str, value: Any, where: str, dotted: str) -> None:

@@ -191,6 +191,7 @@ def save_pretrained(params: Any, arch: Any, out_dir: str | Path, tokenizer=None)
     as it was, and no weight file of an earlier export (another sharding) stays beside the new
     ones. Other files of the earlier export (a model card) are kept. A training run's own folder
     is refused."""
+    import glob
     import os
     import shutil
 
@@ -199,11 +200,12 @@ def save_pretrained(params: Any, arch: Any, out_dir: str | Path, tokenizer=None)
         raise UserError(f"{out}: exists and is not a folder; name a folder to export into")
     if (out / "config.yaml").is_file() or (out / "checkpoints").is_dir():
         raise UserError(f"{out}: is a training run's folder; export into another folder (nothing was written)")
-    full = Path(os.path.abspath(out))  # "." and "a/.." have no name to put a sibling beside
+    # "." and "a/.." have no name to put a sibling beside; a link is followed (it keeps pointing at the export)
+    full = Path(os.path.realpath(out))
     if Path.cwd() == full or full in Path.cwd().parents:
         raise UserError(f"{out}: is the current folder or holds it; export into a folder of its own")
     full.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in full.parent.glob(f".{full.name}.export-*"):  # of an export that crashed
+    for leftover in full.parent.glob(f".{glob.escape(full.name)}.export-*"):  # of an export that crashed
         shutil.rmtree(leftover, ignore_errors=True)
     staging = full.parent / f".{full.name}.export-{os.getpid()}"
     if family_of(arch) is T5_FAMILY:

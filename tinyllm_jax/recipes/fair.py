@@ -94,19 +94,7 @@ def check(cfg: RecipeConfig) -> None:
     if f.review and len(names) < 2:
         raise ConfigError("fair.review: peer review needs at least two teachers in rationales.teachers "
                           "(each rationale is scored by the others); set fair.review=false for one teacher")
-    for stage in ("feedback", "rationale", "review"):
-        s = getattr(f, f"{stage}_sampling")
-        for key, ok, want in (("num_samples", s.num_samples is None or s.num_samples >= 1, ">= 1"),
-                              ("max_tokens", s.max_tokens is None or s.max_tokens >= 1, ">= 1"),
-                              ("temperature", s.temperature is None or s.temperature >= 0, ">= 0"),
-                              ("top_p", s.top_p is None or 0 < s.top_p <= 1, "in (0, 1]"),
-                              ("top_k", s.top_k is None or s.top_k >= 0, ">= 0")):
-            if not ok:
-                raise ConfigError(f"fair.{stage}_sampling.{key}: expected {want}, found {getattr(s, key)}")
-    if f.rounds < 1:
-        raise ConfigError(f"fair.rounds: expected >= 1, found {f.rounds}")
-    if not 0.0 <= f.replay <= 1.0:
-        raise ConfigError(f"fair.replay: expected a fraction in [0, 1], found {f.replay}")
+    # the numbers' ranges (sampling, rounds, replay) are checked as the config loads: config.RANGES
     if f.control and f.replay <= 0.0:
         raise ConfigError("fair.control: the control arm trains on the replay alone; set fair.replay > 0")
     if f.control and f.round1_records:
