@@ -290,3 +290,6 @@ def test_recipe_numbers_out_of_range_are_refused_naming_the_key():
                               ("fair.replay=1.5", "key 'fair.replay': expected a number at least 0 and at most 1")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_recipe(str(ROOT / "configs" / "recipes" / "demo_fair.yaml"), [override])
+    # no sampling, no samples: allowed (the Mentor-KD check asks for samples only when the mentor samples)
+    assert load_recipe(str(ROOT / "configs" / "recipes" / "demo_mentor_kd.yaml"),
+                       ["mentor.augment=false", "mentor.samples=0"]).mentor.samples == 0

@@ -74,9 +74,6 @@ def check(cfg: RecipeConfig) -> None:
                           "google/flan-t5-large), or its architecture with mentor.model.train_tokenizer_vocab")
     if m.augment and m.samples < 1:
         raise ConfigError(f"mentor.samples: expected >= 1, found {m.samples}")
-    if m.soft_labels_top_k < 0:
-        raise ConfigError(f"mentor.soft_labels_top_k: expected 0 (the mentor runs in every step) or the k of its "
-                          f"stored top-k soft labels, found {m.soft_labels_top_k}")
     if m.augment and m.temperature <= 0:
         raise ConfigError(f"mentor.temperature: sampling needs a temperature > 0, found {m.temperature}")
     if cfg.distill.streams and cfg.distill.streams != [chains_stream(cfg).name]:
